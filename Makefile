@@ -1,0 +1,40 @@
+# Titanax developer commands. `make example` and `make test` each install what they need.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed-stamp
+EXTRAS ?= dev,examples
+
+.PHONY: setup test example lint typecheck bench clean
+
+setup: $(STAMP)
+
+# uv is the installer; plain pip is the fallback where uv cannot be had.
+$(STAMP): pyproject.toml
+	@if command -v uv >/dev/null 2>&1 || $(PYTHON) -m pip install -q uv >/dev/null 2>&1; then \
+	  UV="$$(command -v uv || echo $(PYTHON) -m uv)"; \
+	  $$UV venv -q --allow-existing --python $(PYTHON) $(VENV) && \
+	  $$UV pip install -q --python $(BIN)/python -e '.[$(EXTRAS)]'; \
+	else \
+	  $(PYTHON) -m venv $(VENV) && $(BIN)/pip install -q -e '.[$(EXTRAS)]'; \
+	fi
+	@touch $(STAMP)
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+example: setup
+	$(BIN)/python examples/mnist_dp/train.py
+
+lint: setup
+	$(BIN)/ruff check titanax tests examples
+	$(BIN)/ruff format --check titanax tests examples
+
+typecheck: setup
+	$(BIN)/mypy titanax
+
+bench: setup
+	$(BIN)/python -m pytest -q -s tests/benchmarks
+
+clean:
+	rm -rf $(VENV) .cache build dist *.egg-info

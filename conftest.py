@@ -1,0 +1,13 @@
+"""Test set-up shared by tests/, doctests in titanax/ and the docs: 8 simulated CPU
+devices and a persistent compilation cache inside the clone."""
+
+import os
+
+import jax
+
+jax.config.update("jax_num_cpu_devices", 8)
+jax.config.update("jax_platforms", "cpu")
+_cache = os.path.join(os.path.dirname(os.path.abspath(__file__)), ".cache", "jax")
+jax.config.update("jax_compilation_cache_dir", _cache)
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)

@@ -1,0 +1,51 @@
+"""Errors Titanax raises for user mistakes.
+
+Every error names what is at fault (argument, leaf path, axis) and how to fix
+it. All subclass :class:`TitanaxError`, itself a :class:`ValueError`, so code
+that already catches ``ValueError`` keeps working.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "TitanaxError",
+    "MeshError",
+    "RuleError",
+    "PlanError",
+    "CollectiveError",
+    "ScheduleError",
+    "CheckpointError",
+    "DistributedError",
+]
+
+
+class TitanaxError(ValueError):
+    """Base class of every error Titanax raises for a user mistake."""
+
+
+class MeshError(TitanaxError):
+    """A device mesh that cannot be built: bad axis names or sizes."""
+
+
+class RuleError(TitanaxError):
+    """Sharding rules that do not fit the tree or the mesh."""
+
+
+class PlanError(TitanaxError):
+    """Transforms that cannot be combined, or arguments that do not fit the plan."""
+
+
+class CollectiveError(TitanaxError):
+    """A collective over an axis that no enclosing transform binds."""
+
+
+class ScheduleError(TitanaxError):
+    """A pipeline schedule that is invalid or does not fit the pipeline."""
+
+
+class CheckpointError(TitanaxError):
+    """A checkpoint that cannot be saved or restored as asked."""
+
+
+class DistributedError(TitanaxError):
+    """A multi-process set-up or run that failed."""

@@ -1,0 +1,1 @@
+"""The parallel transforms and what they share (rules, plans, collectives)."""

@@ -1,0 +1,174 @@
+"""Axis-guarded collectives.
+
+``tx.psum`` and friends compute exactly what their ``jax.lax`` namesakes do,
+but first check that the axis is bound by an enclosing Titanax transform, so
+that a typo or a collective in the wrong place is a clear
+:class:`~titanax.CollectiveError` rather than an ``unbound axis name``.
+
+Axes bound by JAX itself (``jax.vmap(..., axis_name=...)``, a hand-written
+``jax.shard_map``) are accepted as well.
+
+Example:
+
+  >>> import jax, jax.numpy as jnp, titanax as tx
+  >>> mesh = tx.mesh(data=8)
+  >>> @tx.data_parallel(axis="data", mesh=mesh)
+  ... def total(x):
+  ...     return tx.psum(x.sum(), "data")
+  >>> float(total(jnp.arange(16.0)))
+  120.0
+  >>> tx.psum(1.0, "data")
+  Traceback (most recent call last):
+  ...
+  titanax.errors.CollectiveError: tx.psum: axis 'data' is not bound here (no Titanax transform is active). Call it inside a step wrapped with tx.data_parallel(axis='data').
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+from collections.abc import Iterator, Sequence
+from typing import Any, NamedTuple
+
+import jax
+
+from titanax.errors import CollectiveError
+
+__all__ = [
+    "psum",
+    "pmean",
+    "pmax",
+    "all_gather",
+    "psum_scatter",
+    "ppermute",
+    "all_to_all",
+    "axis_index",
+    "axis_size",
+]
+
+AxisName = str | tuple[str, ...]
+
+
+class BoundAxis(NamedTuple):
+    """An axis bound while a transform traces its body."""
+
+    name: str
+    transform: str  # e.g. "data_parallel"
+    manual: bool  # True: the body sees per-replica values and may use collectives
+
+
+_BOUND: contextvars.ContextVar[tuple[BoundAxis, ...]] = contextvars.ContextVar(
+    "titanax_bound_axes", default=()
+)
+
+
+@contextlib.contextmanager
+def bind_axes(axes: Sequence[BoundAxis]) -> Iterator[None]:
+    """Marks ``axes`` as bound while a transform traces its body (internal)."""
+    token = _BOUND.set(_BOUND.get() + tuple(axes))
+    try:
+        yield
+    finally:
+        _BOUND.reset(token)
+
+
+def bound_axes() -> tuple[BoundAxis, ...]:
+    """The axes bound at this point of a trace, innermost last."""
+    return _BOUND.get()
+
+
+_BINDER = {"stage": "tx.pipeline(..., axis='stage')"}
+
+
+def _jax_binds(name: str) -> bool:
+    try:
+        jax.lax.axis_size(name)
+    except NameError:
+        return False
+    return True
+
+
+def _check(fn: str, axis_name: AxisName) -> None:
+    names = (axis_name,) if isinstance(axis_name, str) else tuple(axis_name)
+    bound = {b.name: b for b in _BOUND.get()}
+    for name in names:
+        b = bound.get(name)
+        if b is not None and b.manual:
+            continue
+        if b is not None:
+            raise CollectiveError(
+                f"tx.{fn}: axis {name!r} is bound by tx.{b.transform}, whose body sees "
+                "global arrays: XLA inserts the communication its layouts need, so no "
+                f"collective over {name!r} is written by hand. Remove the call, or pin a "
+                "layout with tx.constrain."
+            )
+        if _jax_binds(name):
+            continue
+        where = (
+            "bound axes: " + ", ".join(f"{b.name!r} (tx.{b.transform})" for b in bound.values())
+            if bound
+            else "no Titanax transform is active"
+        )
+        binder = _BINDER.get(name, f"tx.data_parallel(axis={name!r})")
+        raise CollectiveError(
+            f"tx.{fn}: axis {name!r} is not bound here ({where}). "
+            f"Call it inside a step wrapped with {binder}."
+        )
+
+
+def psum(x: Any, axis_name: AxisName) -> Any:
+    """Sum of ``x`` over ``axis_name``; as :func:`jax.lax.psum`."""
+    _check("psum", axis_name)
+    return jax.lax.psum(x, axis_name)
+
+
+def pmean(x: Any, axis_name: AxisName) -> Any:
+    """Mean of ``x`` over ``axis_name``; as :func:`jax.lax.pmean`."""
+    _check("pmean", axis_name)
+    return jax.lax.pmean(x, axis_name)
+
+
+def pmax(x: Any, axis_name: AxisName) -> Any:
+    """Maximum of ``x`` over ``axis_name``; as :func:`jax.lax.pmax`."""
+    _check("pmax", axis_name)
+    return jax.lax.pmax(x, axis_name)
+
+
+def all_gather(x: Any, axis_name: AxisName, *, axis: int = 0, tiled: bool = False) -> Any:
+    """Gathers ``x`` from every member of ``axis_name``; as :func:`jax.lax.all_gather`."""
+    _check("all_gather", axis_name)
+    return jax.lax.all_gather(x, axis_name, axis=axis, tiled=tiled)
+
+
+def psum_scatter(
+    x: Any, axis_name: AxisName, *, scatter_dimension: int = 0, tiled: bool = False
+) -> Any:
+    """Sums ``x`` over ``axis_name`` and keeps this member's slice; as :func:`jax.lax.psum_scatter`."""
+    _check("psum_scatter", axis_name)
+    return jax.lax.psum_scatter(x, axis_name, scatter_dimension=scatter_dimension, tiled=tiled)
+
+
+def ppermute(x: Any, axis_name: AxisName, perm: Sequence[tuple[int, int]]) -> Any:
+    """Sends ``x`` between members of ``axis_name`` by ``perm``; as :func:`jax.lax.ppermute`."""
+    _check("ppermute", axis_name)
+    return jax.lax.ppermute(x, axis_name, perm)
+
+
+def all_to_all(
+    x: Any, axis_name: AxisName, split_axis: int, concat_axis: int, *, tiled: bool = False
+) -> Any:
+    """Splits, exchanges and concatenates ``x`` over ``axis_name``; as :func:`jax.lax.all_to_all`."""
+    _check("all_to_all", axis_name)
+    return jax.lax.all_to_all(x, axis_name, split_axis, concat_axis, tiled=tiled)
+
+
+def axis_index(axis_name: AxisName) -> jax.Array:
+    """This member's index along ``axis_name``; as :func:`jax.lax.axis_index`."""
+    _check("axis_index", axis_name)
+    return jax.lax.axis_index(axis_name)
+
+
+def axis_size(axis_name: AxisName) -> int:
+    """The number of members of ``axis_name``; as :func:`jax.lax.axis_size`."""
+    _check("axis_size", axis_name)
+    return jax.lax.axis_size(axis_name)

@@ -1,0 +1,142 @@
+"""``tx.data_parallel``: one replica of the step per member of a mesh axis."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar, overload
+
+import jax
+from jax.sharding import Mesh, PartitionSpec
+
+from titanax._util import bullets, leaves_with_paths, shape_of
+from titanax.errors import PlanError
+from titanax.parallel.plan import (
+    ArgInfo,
+    Layer,
+    ParallelFunction,
+    apply_layer,
+    check_axis,
+    normalize_argnums,
+)
+
+__all__ = ["data_parallel"]
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _layout(axis: str) -> Callable[[Any, ArgInfo], Any]:
+    where = f"data_parallel(axis={axis!r})"
+
+    def layout(arg: Any, info: ArgInfo) -> Any:
+        if not info.is_batch:
+            return jax.tree.map(lambda _: PartitionSpec(), arg)
+        size = info.mesh.shape[axis]
+        bad = []
+        for path, leaf in leaves_with_paths(arg):
+            shape = shape_of(leaf)
+            if not shape:
+                bad.append(f"{path or '<the argument>'}  is a scalar: a batch leaf needs a "
+                           "leading batch dimension")
+            elif shape[0] % size:
+                bad.append(f"{path or '<the argument>'}  shape {shape}: leading dimension "
+                           f"{shape[0]} is not divisible by {axis!r}={size}")
+        if bad:
+            raise PlanError(
+                f"{where}: {len(bad)} leaves of {info.name} cannot be split into {size} "
+                f"replicas along {axis!r}:\n{bullets(bad)}\n"
+                f"Make the global batch a multiple of {size}, or pass non-batch arguments "
+                "outside batch_argnums."
+            )
+        return jax.tree.map(lambda _: PartitionSpec(axis), arg)
+
+    return layout
+
+
+@overload
+def data_parallel(
+    step: None = None,
+    /,
+    *,
+    axis: str = "data",
+    mesh: Mesh | None = None,
+    batch_argnums: int | Sequence[int] = (-1,),
+    donate: bool = True,
+) -> Callable[[Callable[..., Any]], ParallelFunction]: ...
+
+
+@overload
+def data_parallel(
+    step: Callable[..., Any],
+    /,
+    *,
+    axis: str = "data",
+    mesh: Mesh | None = None,
+    batch_argnums: int | Sequence[int] = (-1,),
+    donate: bool = True,
+) -> ParallelFunction: ...
+
+
+def data_parallel(
+    step: Callable[..., Any] | None = None,
+    /,
+    *,
+    axis: str = "data",
+    mesh: Mesh | None = None,
+    batch_argnums: int | Sequence[int] = (-1,),
+    donate: bool = True,
+) -> ParallelFunction | Callable[[Callable[..., Any]], ParallelFunction]:
+    """Runs ``step`` once per replica along the mesh axis ``axis``.
+
+    Batch arguments are split on their leading dimension across the replicas;
+    every other argument is replicated. The body sees per-replica values, like
+    ``pmap``: gradients are per-replica, and **you** reduce them, with
+    ``tx.pmean(grads, axis)``, as well as every metric you return. Titanax
+    inserts no reduction of its own. (The gradient of a replicated argument
+    is *not* silently summed across replicas, as it would be under
+    ``jax.shard_map``'s default.)
+
+    Outputs shaped like a non-batch argument (the new state) take its layout;
+    every other output is replicated. On the first call, Titanax checks that
+    the replicas agree on every output: a forgotten reduction is a
+    :class:`~titanax.PlanError` naming the leaves, never a silent pick of one
+    replica.
+
+    Args:
+      step: the step function; omit it to use ``data_parallel(...)`` as a decorator.
+      axis: the mesh axis to replicate over.
+      mesh: the mesh; defaults to one given to another transform of the stack,
+        or set with ``jax.set_mesh``.
+      batch_argnums: positions of the batch arguments (negative counts from the end).
+      donate: donate the non-batch arguments (the state) to the output, so the
+        step updates it in place.
+
+    Returns:
+      A :class:`~titanax.ParallelFunction`.
+
+    Raises:
+      PlanError: a bad ``axis``, ``mesh`` or ``batch_argnums``; at call time, a
+        batch leaf whose leading dimension does not divide by the axis size,
+        or outputs that differ between replicas.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp, titanax as tx
+      >>> mesh = tx.mesh(data=8)
+      >>> def loss_fn(w, batch):
+      ...     x, y = batch
+      ...     return jnp.mean((x @ w - y) ** 2)
+      >>> @tx.data_parallel(axis="data", mesh=mesh)
+      ... def sgd_step(w, batch):
+      ...     loss, grad = jax.value_and_grad(loss_fn)(w, batch)
+      ...     grad = tx.pmean(grad, "data")        # the one reduction, written by you
+      ...     return w - 0.1 * grad, tx.pmean(loss, "data")
+      >>> x = jnp.ones((16, 3)); y = jnp.ones((16,))
+      >>> w, loss = sgd_step(jnp.zeros(3), (x, y))
+      >>> w
+      Array([0.2, 0.2, 0.2], dtype=float32)
+      >>> float(loss)
+      1.0
+    """
+    check_axis("data_parallel", axis, mesh)
+    nums = normalize_argnums("data_parallel", batch_argnums)
+    layer = Layer("data_parallel", axis, True, mesh, nums, _layout(axis), bool(donate))
+    return apply_layer(step, layer)

@@ -1,0 +1,538 @@
+"""Plans and ``ParallelFunction``: every transform of a stack contributes a
+:class:`Layer` to one :class:`Plan`, compiled once as
+``jax.jit(jax.shard_map(body, axis_names=manual_axes, ...))``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import inspect
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
+
+import jax
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+
+from titanax._util import Report, bullets, leaves_with_paths, shape_of
+from titanax.errors import PlanError, TitanaxError
+from titanax.parallel import hlo
+from titanax.parallel.collectives import BoundAxis, bind_axes
+from titanax.parallel.rules import layout_table, spec_axes, spec_problem
+
+__all__ = ["Layer", "Plan", "ParallelFunction", "ArgInfo"]
+
+P = PartitionSpec
+_is_spec = lambda x: isinstance(x, PartitionSpec)  # noqa: E731
+
+
+class ArgInfo(NamedTuple):
+    """What a layer is told about one argument when it lays it out."""
+
+    index: int
+    name: str  # "argument 0 (state)", for messages
+    is_batch: bool
+    mesh: Mesh
+
+
+class Layer(NamedTuple):
+    """One transform's contribution to a plan.
+
+    Attributes:
+      transform: the transform's name, e.g. ``"data_parallel"``.
+      axis: the mesh axis the transform claims.
+      manual: ``True`` when the body sees per-replica values along ``axis``
+        (it becomes a manual axis of the ``shard_map``); ``False`` when the
+        body sees global arrays and XLA partitions them (an ``Auto`` axis).
+      mesh: the mesh given to the transform, or ``None``.
+      batch_argnums: which positional arguments are batches.
+      layout: ``layout(arg, info) -> tree of PartitionSpec`` naming only ``axis``.
+      donate: whether non-batch arguments may be donated (``None``: no opinion).
+    """
+
+    transform: str
+    axis: str
+    manual: bool
+    mesh: Mesh | None
+    batch_argnums: tuple[int, ...]
+    layout: Callable[[Any, ArgInfo], Any]
+    donate: bool | None = None
+
+    def describe(self) -> str:
+        return f"{self.transform}(axis={self.axis!r})"
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """The merged contributions of a stack of transforms.
+
+    Attributes:
+      layers: one :class:`Layer` per transform, innermost first.
+      mesh: the mesh named by the layers, or ``None`` to take the one set
+        with ``jax.set_mesh`` when the function is called.
+    """
+
+    layers: tuple[Layer, ...]
+    mesh: Mesh | None
+
+    @classmethod
+    def of(cls, layers: Sequence[Layer]) -> Plan:
+        """Merges layers, checking that they can share one program."""
+        seen: dict[str, Layer] = {}
+        meshes = []
+        for layer in layers:
+            if layer.axis in seen:
+                raise PlanError(
+                    f"{layer.describe()} and {seen[layer.axis].describe()} both claim mesh axis "
+                    f"{layer.axis!r}; an axis belongs to one transform. Give one of them "
+                    "another axis of the mesh."
+                )
+            seen[layer.axis] = layer
+            if layer.mesh is not None and all(layer.mesh is not m for m in meshes):
+                meshes.append(layer.mesh)
+        if len({(m.axis_names, m.devices.shape, tuple(d.id for d in m.devices.flat))
+                for m in meshes}) > 1:
+            raise PlanError(
+                "the transforms of one stack were given different meshes:\n"
+                + bullets([f"{layer.describe()}: {_mesh_str(layer.mesh)}"
+                           for layer in layers if layer.mesh is not None])
+                + "\nGive the mesh to one transform only (the others find it), or the same "
+                "mesh to all."
+            )
+        plan = cls(tuple(layers), meshes[0] if meshes else None)
+        if plan.mesh is not None:
+            plan.check_mesh(plan.mesh)
+        return plan
+
+    def add(self, layer: Layer) -> Plan:
+        return Plan.of((*self.layers, layer))
+
+    @property
+    def manual_axes(self) -> frozenset[str]:
+        """Axes along which the body sees per-replica values."""
+        return frozenset(layer.axis for layer in self.layers if layer.manual)
+
+    @property
+    def axes(self) -> dict[str, str]:
+        """Mesh axis -> name of the transform that claims it."""
+        return {layer.axis: layer.transform for layer in self.layers}
+
+    @property
+    def donate(self) -> bool:
+        votes = [layer.donate for layer in self.layers if layer.donate is not None]
+        return bool(votes) and all(votes)
+
+    def check_mesh(self, mesh: Mesh) -> None:
+        for layer in self.layers:
+            if layer.axis not in mesh.shape:
+                raise PlanError(
+                    f"{layer.describe()}: the mesh has no axis {layer.axis!r} "
+                    f"(axes: {', '.join(mesh.axis_names)}). Pass axis= one of them, or build "
+                    f"the mesh with it, e.g. tx.mesh({layer.axis}=-1)."
+                )
+
+    def resolve_mesh(self) -> Mesh:
+        """The plan's mesh, or the one set with ``jax.set_mesh``."""
+        if self.mesh is not None:
+            return self.mesh
+        mesh = jax.sharding.get_mesh()
+        if mesh is None or mesh.empty or not isinstance(mesh, Mesh):
+            names = ", ".join(layer.describe() for layer in self.layers)
+            raise PlanError(
+                f"{names}: no mesh. Pass mesh=tx.mesh(...) to one of the transforms, "
+                "or call inside `with jax.set_mesh(mesh):`."
+            )
+        self.check_mesh(mesh)
+        return mesh
+
+    def compile_mesh(self, mesh: Mesh) -> Mesh:
+        """``mesh`` with the axes of global-view transforms made ``Auto``.
+
+        Their layouts still come only from the declared specs; ``Auto`` lets
+        model code contract sharded dimensions without naming an
+        ``out_sharding`` on every operation.
+        """
+        auto = {layer.axis for layer in self.layers if not layer.manual}
+        types = tuple(
+            AxisType.Auto if name in auto else t for name, t in zip(mesh.axis_names, mesh.axis_types)
+        )
+        if types == tuple(mesh.axis_types):
+            return mesh
+        return Mesh(mesh.devices, mesh.axis_names, axis_types=types)
+
+    def batch_indices(self, nargs: int) -> frozenset[int]:
+        """Positions of batch arguments (in any layer) for a call with ``nargs`` arguments."""
+        return frozenset(
+            i % nargs for layer in self.layers for i in layer.batch_argnums if -nargs <= i < nargs
+        )
+
+    def in_specs(self, args: Sequence[Any], mesh: Mesh, names: Sequence[str]) -> tuple[Any, ...]:
+        """The merged ``PartitionSpec`` tree of every argument.
+
+        Raises:
+          PlanError, RuleError: from the layers, or when merged specs do not fit.
+        """
+        batch = self.batch_indices(len(args))
+        for layer in self.layers:
+            for i in layer.batch_argnums:
+                if not -len(args) <= i < len(args):
+                    raise PlanError(
+                        f"{layer.describe()}: batch_argnums={layer.batch_argnums} names argument "
+                        f"{i}, but the function was called with {len(args)} arguments."
+                    )
+        out = []
+        for i, arg in enumerate(args):
+            info = ArgInfo(i, names[i], i in batch, mesh)
+            per_layer = [layer.layout(arg, info) for layer in self.layers]
+            merged = jax.tree.map(
+                lambda x, *specs: _merge(x, specs, mesh), arg, *per_layer, is_leaf=None
+            ) if per_layer else jax.tree.map(lambda _: P(), arg)
+            problems = [
+                f"{path}  shape {shape_of(leaf)}: {problem}"
+                for (path, leaf), spec in zip(leaves_with_paths(arg), _spec_leaves(merged))
+                if (problem := spec_problem(shape_of(leaf), spec, mesh))
+            ]
+            if problems:
+                raise PlanError(
+                    f"{' + '.join(lay.describe() for lay in self.layers)}: the combined layout of "
+                    f"{names[i]} does not fit:\n{bullets(problems)}\n"
+                    "Change the mesh axis sizes or the rules so each sharded dimension divides."
+                )
+            out.append(merged)
+        return tuple(out)
+
+    def bound_axes(self) -> tuple[BoundAxis, ...]:
+        return tuple(BoundAxis(layer.axis, layer.transform, layer.manual) for layer in self.layers)
+
+
+def _mesh_str(mesh: Mesh | None) -> str:
+    if mesh is None:
+        return "None"
+    return "Mesh(" + ", ".join(f"{k}={v}" for k, v in mesh.shape.items()) + ")"
+
+
+def _spec_leaves(tree: Any) -> list[PartitionSpec]:
+    return jax.tree_util.tree_leaves(tree, is_leaf=_is_spec)
+
+
+def _merge(leaf: Any, specs: Sequence[PartitionSpec], mesh: Mesh) -> PartitionSpec:
+    """Combines the per-axis specs of one leaf, dimension by dimension, in mesh axis order."""
+    ndim = len(shape_of(leaf))
+    dims: list[list[str]] = [[] for _ in range(max([ndim, *map(len, specs)]))]
+    for spec in specs:
+        for d, entry in enumerate(spec):
+            if entry is not None:
+                dims[d].extend((entry,) if isinstance(entry, str) else entry)
+    order = {name: k for k, name in enumerate(mesh.axis_names)}
+    entries = []
+    for axes in dims:
+        axes = sorted(axes, key=lambda a: order.get(a, len(order)))
+        entries.append(None if not axes else axes[0] if len(axes) == 1 else tuple(axes))
+    while entries and entries[-1] is None:
+        entries.pop()
+    return P(*entries)
+
+
+def _restrict(spec: PartitionSpec, axes: frozenset[str]) -> PartitionSpec:
+    """``spec`` naming only ``axes`` (the ``in_specs`` of a partly manual ``shard_map``)."""
+    entries = []
+    for entry in spec:
+        kept = tuple(a for a in ((entry,) if isinstance(entry, str) else entry or ()) if a in axes)
+        entries.append(None if not kept else kept[0] if len(kept) == 1 else kept)
+    return P(*entries)
+
+
+def _arg_names(fun: Callable[..., Any], nargs: int) -> list[str]:
+    try:
+        params = list(inspect.signature(fun).parameters.values())
+    except (TypeError, ValueError):
+        params = []
+    names = []
+    for i in range(nargs):
+        p = params[i] if i < len(params) else (params[-1] if params else None)
+        label = p.name if p is not None and p.kind != p.VAR_KEYWORD else None
+        names.append(f"argument {i} ({label})" if label else f"argument {i}")
+    return names
+
+
+class _Entry:
+    """The compiled program for one argument structure."""
+
+    def __init__(self, pf: ParallelFunction, args: tuple[Any, ...]):
+        plan = pf.plan
+        self.mesh = plan.resolve_mesh()
+        self.cmesh = plan.compile_mesh(self.mesh)
+        self.names = _arg_names(pf.fun, len(args))
+        self.in_specs = plan.in_specs(args, self.mesh, self.names)
+        self.batch = plan.batch_indices(len(args))
+        manual = plan.manual_axes
+        self.in_shardings = jax.tree.map(
+            lambda s: NamedSharding(self.cmesh, s), self.in_specs, is_leaf=_is_spec
+        )
+        self.out_specs: Any = None
+        self.checked = not manual  # replica agreement is checked once when axes are manual
+        donate = tuple(i for i in range(len(args)) if i not in self.batch) if plan.donate else ()
+        fun, bound = pf.fun, plan.bound_axes()
+        in_trees = [jax.tree.structure(a) for a in args]
+
+        def body(*local_args: Any) -> Any:
+            with bind_axes(bound):
+                return fun(*local_args)
+
+        def outer(*global_args: Any) -> Any:
+            if manual:
+                local_specs = jax.tree.map(lambda s: _restrict(s, manual), self.in_specs,
+                                           is_leaf=_is_spec)
+                out = jax.shard_map(
+                    body, mesh=self.cmesh, in_specs=local_specs, out_specs=P(),
+                    axis_names=set(manual), check_vma=False,
+                )(*global_args)
+            else:
+                out = body(*global_args)
+            self.out_specs = _out_specs(out, global_args, in_trees, self.in_specs, self.batch)
+            return _constrain(out, self.out_specs, self.cmesh, plan)
+
+        self.jitted = jax.jit(outer, in_shardings=self.in_shardings, donate_argnums=donate)
+        self.multiprocess = jax.process_count() > 1
+
+    def place(self, args: tuple[Any, ...]) -> tuple[Any, ...]:
+        """Puts each argument on the mesh as the plan lays it out; placed arrays pass as they are."""
+        placed = []
+        for i, (arg, shardings) in enumerate(zip(args, self.in_shardings)):
+            batch = i in self.batch
+            placed.append(jax.tree.map(lambda x, s, b=batch: self._put(x, s, b), arg, shardings))
+        return tuple(placed)
+
+    def _put(self, x: Any, sharding: NamedSharding, batch: bool) -> jax.Array:
+        if isinstance(x, jax.Array) and x.sharding.is_equivalent_to(sharding, x.ndim):
+            return x
+        if self.multiprocess and batch and not isinstance(x, jax.Array):
+            return jax.make_array_from_process_local_data(sharding, np.asarray(x))
+        if self.multiprocess and not isinstance(x, jax.Array):
+            x = np.asarray(x)
+            return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
+        return jax.device_put(x, sharding)
+
+    def check_replicas(self, out: Any, plan: Plan) -> None:
+        """Raises if an output that must be replicated along a manual axis is not."""
+        self.checked = True
+        bad = []
+        for k, part in enumerate(_top_level(out)):
+            for path, leaf in leaves_with_paths(part):
+                if isinstance(leaf, jax.Array) and not _agrees(leaf):
+                    bad.append(f"output {k}" + (f" [{path}]" if path else ""))
+        if bad:
+            axes = ", ".join(repr(a) for a in sorted(plan.manual_axes))
+            raise PlanError(
+                f"{' + '.join(lay.describe() for lay in plan.layers if lay.manual)}: "
+                f"{len(bad)} output leaves differ between replicas along {axes}, but outputs "
+                f"are replicated:\n{bullets(bad)}\n"
+                "Each replica computed its own value and nothing reduced it. Reduce in the step: "
+                f"grads = tx.pmean(grads, {sorted(plan.manual_axes)[0]!r}) before the update, and "
+                f"tx.pmean(loss, {sorted(plan.manual_axes)[0]!r}) for metrics."
+            )
+
+
+def _top_level(out: Any) -> tuple[Any, ...]:
+    return out if isinstance(out, tuple) else (out,)
+
+
+def _out_specs(out: Any, args: Sequence[Any], in_trees: Sequence[Any], in_specs: Sequence[Any],
+               batch: frozenset[int]) -> Any:
+    """An output shaped like a non-batch input takes its layout; everything else is replicated."""
+    specs = []
+    for part in _top_level(out):
+        tree = jax.tree.structure(part)
+        shapes = [shape_of(x) for x in jax.tree.leaves(part)]
+        for i, arg in enumerate(args):
+            if i not in batch and in_trees[i] == tree and shapes == [
+                shape_of(x) for x in jax.tree.leaves(arg)
+            ]:
+                specs.append(in_specs[i])
+                break
+        else:
+            specs.append(jax.tree.map(lambda _: P(), part))
+    return tuple(specs) if isinstance(out, tuple) else specs[0]
+
+
+def _constrain(out: Any, out_specs: Any, mesh: Mesh, plan: Plan) -> Any:
+    """Pins output layouts along the global-view (``Auto``) axes."""
+    auto = {layer.axis for layer in plan.layers if not layer.manual}
+    if not auto:
+        return out
+
+    def pin(x: Any, spec: PartitionSpec) -> Any:
+        if not set(spec_axes(spec)) & auto:
+            return x
+        return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+
+    return jax.tree.map(pin, out, out_specs)
+
+
+def _agrees(x: jax.Array) -> bool:
+    """Whether every addressable copy of each shard of ``x`` holds the same values."""
+    groups: dict[tuple[Any, ...], np.ndarray] = {}
+    for shard in x.addressable_shards:
+        key = tuple((s.start, s.stop, s.step) for s in shard.index)
+        data = np.asarray(shard.data)
+        if key not in groups:
+            groups[key] = data
+        elif not np.array_equal(groups[key], data, equal_nan=True):
+            return False
+    return True
+
+
+class ParallelFunction:
+    """A step function with a parallel plan: what every Titanax transform returns.
+
+    Call it like the function it wraps. The first call for an argument
+    structure lays out the arguments, traces the function once and compiles
+    ``jax.jit(jax.shard_map(...))``; later calls are a cache lookup and one
+    compiled call. Wrapping it with another transform merges the plans; the
+    result is still one program.
+
+    Attributes:
+      fun: the wrapped step function.
+      plan: the merged :class:`Plan`.
+    """
+
+    def __init__(self, fun: Callable[..., Any], plan: Plan):
+        if isinstance(fun, ParallelFunction):
+            raise TypeError("wrap ParallelFunction.fun, not the ParallelFunction")  # internal misuse
+        self.fun = fun
+        self.plan = plan
+        self._cache: dict[Any, _Entry] = {}  # by structure, shapes and dtypes
+        self._recent: dict[Any, _Entry] = {}  # by structure: the steady-state lookup
+        functools.update_wrapper(self, fun)
+
+    def with_layer(self, layer: Layer) -> ParallelFunction:
+        """The same function under one more transform (used by the transforms)."""
+        return ParallelFunction(self.fun, self.plan.add(layer))
+
+    def __repr__(self) -> str:
+        stack = " + ".join(layer.describe() for layer in self.plan.layers)
+        return f"<ParallelFunction {getattr(self.fun, '__name__', self.fun)!r}: {stack}>"
+
+    def _key(self, treedef: Any) -> Any:
+        return treedef if self.plan.mesh is not None else (treedef, jax.sharding.get_mesh())
+
+    def _entry(self, args: tuple[Any, ...]) -> _Entry:
+        """The compiled entry for the structure, shapes and dtypes of ``args``."""
+        leaves, treedef = jax.tree.flatten(args)
+        key = self._key(treedef)
+        full = (key, tuple((shape_of(x), _dtype(x)) for x in leaves))
+        entry = self._cache.get(full)
+        if entry is None:
+            entry = self._cache[full] = _Entry(self, args)
+        self._recent[key] = entry
+        return entry
+
+    def __call__(self, *args: Any) -> Any:
+        # Steady state: one flatten, one dict lookup, one compiled call. JAX's own
+        # dispatch checks shapes and layouts; anything new goes the slow way.
+        entry = self._recent.get(self._key(jax.tree.structure(args)))
+        if entry is not None and entry.checked and not entry.multiprocess:
+            try:
+                return entry.jitted(*args)
+            except TitanaxError:
+                raise
+            except ValueError:
+                pass  # arguments laid out otherwise, or shapes that need checking
+        entry = self._entry(args)
+        out = entry.jitted(*entry.place(args))
+        if not entry.checked:
+            entry.check_replicas(out, self.plan)
+        return out
+
+    def place(self, *args: Any) -> tuple[Any, ...]:
+        """The arguments placed on the mesh as the plan lays them out.
+
+        Arrays already laid out as planned are returned as they are (no copy).
+
+        Raises:
+          PlanError, RuleError: arguments that do not fit the plan.
+        """
+        return self._entry(args).place(args)
+
+    def lower(self, *args: Any) -> jax.stages.Lowered:
+        """Lowers the program for these arguments (``jax.stages.Lowered``)."""
+        placed = self.place(*args)
+        return self._entry(args).jitted.lower(*placed)
+
+    def specs(self, *args: Any) -> tuple[Any, Any]:
+        """The ``PartitionSpec`` trees of the inputs and outputs for these arguments."""
+        entry = self._entry(args)
+        if entry.out_specs is None:
+            self.lower(*args)
+        return entry.in_specs, entry.out_specs
+
+    def explain(self, *args: Any) -> Report:
+        """The layout of every input and output leaf, and the collectives the
+        compiled program contains (kind, mesh axes, bytes)."""
+        in_specs, out_specs = self.specs(*args)
+        entry = self._entry(args)
+        compiled = self.lower(*args).compile()
+        out_avals = jax.tree.map(
+            lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), compiled.out_info
+        )
+        rows: list[tuple[str, Any]] = []
+        specs: list[PartitionSpec] = []
+        for name, arg, spec in zip(entry.names, args, in_specs):
+            rows += [(f"{name.split(' ', 2)[-1].strip('()') or name}/{p}".rstrip("/"), x)
+                     for p, x in leaves_with_paths(arg)]
+            specs += _spec_leaves(spec)
+        for k, (part, spec) in enumerate(zip(_top_level(out_avals), _top_level(out_specs))):
+            rows += [(f"out{k}/{p}".rstrip("/"), x) for p, x in leaves_with_paths(part)]
+            specs += _spec_leaves(spec)
+        stack = " + ".join(layer.describe() for layer in self.plan.layers)
+        mesh = ", ".join(f"{k}={v}" for k, v in entry.mesh.shape.items())
+        manual = ", ".join(sorted(self.plan.manual_axes)) or "none"
+        text = (
+            f"{stack} on mesh ({mesh}); manual axes: {manual}\n\n"
+            + layout_table(rows, specs, entry.mesh)
+            + "\n\n"
+            + hlo.collectives_table(hlo.collectives(compiled.as_text(), entry.mesh))
+        )
+        return Report(text)
+
+
+def _dtype(x: Any) -> Any:
+    return getattr(x, "dtype", None) or type(x)
+
+
+def normalize_argnums(transform: str, batch_argnums: int | Sequence[int]) -> tuple[int, ...]:
+    """Checks ``batch_argnums`` (an int or a sequence of ints) and returns a tuple."""
+    nums = (batch_argnums,) if isinstance(batch_argnums, int) else batch_argnums
+    if not isinstance(nums, Sequence) or not all(
+        isinstance(i, int) and not isinstance(i, bool) for i in nums
+    ):
+        raise PlanError(
+            f"{transform}: batch_argnums must be an int or a tuple of ints, got {batch_argnums!r}. "
+            "E.g. batch_argnums=(-1,) for a batch passed last."
+        )
+    return tuple(nums)
+
+
+def check_axis(transform: str, axis: object, mesh: object) -> None:
+    """Checks the static arguments every transform shares."""
+    if not isinstance(axis, str) or not axis:
+        raise PlanError(f"{transform}: axis must be a mesh axis name (a str), got {axis!r}.")
+    if mesh is not None and not isinstance(mesh, Mesh):
+        raise PlanError(
+            f"{transform}(axis={axis!r}): mesh must be a jax.sharding.Mesh (from tx.mesh), "
+            f"got {type(mesh).__name__}."
+        )
+
+
+def apply_layer(step: Callable[..., Any] | None, layer: Layer) -> Any:
+    """Wraps ``step`` (or returns a decorator) with one more layer of plan."""
+
+    def wrap(f: Callable[..., Any]) -> ParallelFunction:
+        if isinstance(f, ParallelFunction):
+            return f.with_layer(layer)
+        if not callable(f):
+            raise PlanError(f"{layer.describe()}: expected a function to wrap, got {f!r}.")
+        return ParallelFunction(f, Plan.of((layer,)))
+
+    return wrap if step is None else wrap(step)

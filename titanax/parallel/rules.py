@@ -1,0 +1,247 @@
+"""``tx.Rules``: leaf paths to ``PartitionSpec``s, checked against a mesh."""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Iterator
+from typing import Any
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, PartitionSpec
+
+from titanax._util import Report, bullets, format_bytes, leaves_with_paths, nbytes, shape_of, table
+from titanax.errors import RuleError
+
+__all__ = ["Rules", "spec_problem", "spec_axes", "bytes_per_device"]
+
+
+def spec_axes(spec: PartitionSpec) -> list[str]:
+    """Mesh axis names a spec mentions, in order (``P(('a', 'b'), None, 'c')`` -> a, b, c)."""
+    out: list[str] = []
+    for entry in spec:
+        if entry is None:
+            continue
+        out.extend((entry,) if isinstance(entry, str) else entry)
+    return out
+
+
+def _entry_axes(entry: Any) -> tuple[str, ...]:
+    if entry is None:
+        return ()
+    return (entry,) if isinstance(entry, str) else tuple(entry)
+
+
+def spec_problem(shape: tuple[int, ...], spec: PartitionSpec, mesh: Mesh | None) -> str | None:
+    """Why ``spec`` cannot lay out an array of ``shape`` on ``mesh``, or ``None`` if it can."""
+    if len(spec) > len(shape):
+        return f"spec {spec} has {len(spec)} entries but the leaf has {len(shape)} dimensions"
+    names = spec_axes(spec)
+    twice = sorted({a for a in names if names.count(a) > 1})
+    if twice:
+        return f"spec {spec} uses axis {twice[0]!r} more than once"
+    if mesh is None:
+        return None
+    unknown = [a for a in names if a not in mesh.shape]
+    if unknown:
+        return (
+            f"spec {spec} names axis {unknown[0]!r}, which is not in the mesh "
+            f"(axes: {', '.join(mesh.axis_names)})"
+        )
+    for dim, entry in enumerate(spec):
+        axes = _entry_axes(entry)
+        parts = math.prod(mesh.shape[a] for a in axes)
+        if shape[dim] % parts:
+            sizes = " x ".join(f"{a!r}={mesh.shape[a]}" for a in axes)
+            return (
+                f"dimension {dim} (size {shape[dim]}) is not divisible by {sizes}"
+                + (f" = {parts}" if len(axes) > 1 else "")
+            )
+    return None
+
+
+def bytes_per_device(shape: tuple[int, ...], dtype: Any, spec: PartitionSpec, mesh: Mesh) -> int:
+    """Bytes one device holds of an array laid out by ``spec``."""
+    parts = math.prod(mesh.shape[a] for a in spec_axes(spec))
+    return nbytes(shape, dtype) // parts
+
+
+class Rules:
+    """Ordered rules from leaf paths to ``PartitionSpec``s.
+
+    A leaf's path is its keys joined by ``/`` (``"params/h/0/mlp/up/kernel"``).
+    It takes the spec of the first rule whose pattern ``re.search``-es the
+    path. Because optimizer state paths end with the parameter's path
+    (``"opt_state/0/mu/h/0/mlp/up/kernel"``), a rule anchored with ``$``
+    lays out a parameter and its optimizer moments alike. Scalars are always
+    replicated. A non-scalar leaf that no rule matches is an error: rules are
+    strict, end them with ``(r".*", P())`` to replicate everything else.
+
+    Args:
+      *rules: ``(pattern, PartitionSpec)`` pairs, tried in order.
+
+    Raises:
+      RuleError: a rule that is not a ``(str, PartitionSpec)`` pair, or a
+        pattern that is not a valid regular expression.
+
+    Examples:
+      >>> import jax.numpy as jnp, titanax as tx
+      >>> from jax.sharding import PartitionSpec as P
+      >>> rules = tx.Rules(
+      ...     (r"up/kernel$", P(None, "model")),
+      ...     (r"down/kernel$", P("model", None)),
+      ...     (r".*", P()),
+      ... )
+      >>> params = {"up": {"kernel": jnp.zeros((16, 64))},
+      ...           "down": {"kernel": jnp.zeros((64, 16)), "bias": jnp.zeros(16)}}
+      >>> rules.specs(params)["down"]["kernel"]
+      P('model', None)
+      >>> rules.explain(params, tx.mesh(data=2, model=4))
+      path         shape     spec              bytes/device
+      down/bias    (16,)     P()               64 B
+      down/kernel  (64, 16)  P('model', None)  1.0 KiB
+      up/kernel    (16, 64)  P(None, 'model')  1.0 KiB
+    """
+
+    def __init__(self, *rules: tuple[str, PartitionSpec]):
+        checked = []
+        for i, rule in enumerate(rules):
+            if not (isinstance(rule, tuple) and len(rule) == 2 and isinstance(rule[0], str)):
+                raise RuleError(
+                    f"tx.Rules: rule {i} must be a (pattern, PartitionSpec) pair, got {rule!r}. "
+                    'Write e.g. (r"mlp/up/kernel$", P(None, "model")).'
+                )
+            pattern, spec = rule
+            if not isinstance(spec, PartitionSpec):
+                raise RuleError(
+                    f"tx.Rules: rule {i} ({pattern!r}) has spec {spec!r}, which is not a "
+                    "PartitionSpec. Write P(...) from jax.sharding.PartitionSpec; P() replicates."
+                )
+            try:
+                compiled = re.compile(pattern)
+            except re.error as e:
+                raise RuleError(
+                    f"tx.Rules: rule {i} pattern {pattern!r} is not a valid regular expression: {e}."
+                ) from None
+            checked.append((compiled, spec))
+        self._rules: tuple[tuple[re.Pattern[str], PartitionSpec], ...] = tuple(checked)
+
+    def __iter__(self) -> Iterator[tuple[str, PartitionSpec]]:
+        return ((p.pattern, s) for p, s in self._rules)
+
+    def __len__(self) -> int:
+        return len(self._rules)
+
+    def __repr__(self) -> str:
+        return "Rules(" + ", ".join(f"({p!r}, {s})" for p, s in self) + ")"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Rules) and tuple(self) == tuple(other)
+
+    def __hash__(self) -> int:
+        return hash(tuple(self))
+
+    def spec_for(self, path: str) -> PartitionSpec | None:
+        """The spec of the first rule matching ``path``, or ``None``."""
+        for pattern, spec in self._rules:
+            if pattern.search(path):
+                return spec
+        return None
+
+    def specs(
+        self,
+        tree: Any,
+        mesh: Mesh | None = None,
+        *,
+        where: str = "tx.Rules",
+        what: str = "the tree",
+    ) -> Any:
+        """The ``PartitionSpec`` of every leaf of ``tree``, as a tree of the same structure.
+
+        Args:
+          tree: a pytree of arrays (or anything with a shape).
+          mesh: when given, the specs are checked against it: every axis
+            named exists, and every sharded dimension divides evenly.
+          where: who asks, for error messages (e.g. ``"tensor_parallel(axis='model')"``).
+          what: which tree, for error messages (e.g. ``"argument 0 (state)"``).
+
+        Raises:
+          RuleError: listing every leaf that matches no rule, and every leaf
+            whose spec does not fit its shape or the mesh.
+        """
+        leaves, treedef = jax.tree_util.tree_flatten(tree)
+        unmatched, misfits, out = [], [], []
+        for (path, leaf), _ in zip(leaves_with_paths(tree), leaves):
+            shape = shape_of(leaf)
+            spec = PartitionSpec() if not shape else self.spec_for(path)
+            if spec is None:
+                unmatched.append((path, shape))
+                spec = PartitionSpec()
+            elif problem := spec_problem(shape, spec, mesh):
+                misfits.append(f"{path}  shape {shape}: {problem}")
+            out.append(spec)
+        if unmatched or misfits:
+            raise RuleError(self._message(where, what, unmatched, misfits, mesh))
+        return jax.tree_util.tree_unflatten(treedef, out)
+
+    @staticmethod
+    def _message(
+        where: str,
+        what: str,
+        unmatched: list[tuple[str, tuple[int, ...]]],
+        misfits: list[str],
+        mesh: Mesh | None,
+    ) -> str:
+        parts = []
+        if unmatched:
+            n = len(unmatched)
+            width = max(len(p) for p, _ in unmatched)
+            last = unmatched[0][0].rsplit("/", 2)[-2:]
+            example = "/".join(last)
+            parts.append(
+                f"{where}: {n} leaf{'s' if n > 1 else ''} of {what} match{'' if n > 1 else 'es'} "
+                "no rule:\n"
+                + bullets([f"{p.ljust(width)}  shape {s}" for p, s in unmatched])
+                + f'\nAdd a rule for {"them" if n > 1 else "it"}, e.g. (r"{example}$", P()), '
+                'or end the rules with (r".*", P()).'
+            )
+        if misfits:
+            n = len(misfits)
+            fix = (
+                "Change the rule's spec, or the mesh axis sizes "
+                f"({', '.join(f'{k}={v}' for k, v in mesh.shape.items())}), or pad the array."
+                if mesh is not None
+                else "Change the rule's spec."
+            )
+            parts.append(
+                f"{where}: the spec of {n} leaf{'s' if n > 1 else ''} of {what} does not fit:\n"
+                + bullets(misfits)
+                + f"\n{fix}"
+            )
+        return "\n".join(parts)
+
+    def explain(self, tree: Any, mesh: Mesh) -> Report:
+        """A table of every leaf's path, shape, spec and bytes per device.
+
+        Raises:
+          RuleError: as :meth:`specs`.
+        """
+        specs = jax.tree_util.tree_leaves(
+            self.specs(tree, mesh), is_leaf=lambda s: isinstance(s, PartitionSpec)
+        )
+        return layout_table(leaves_with_paths(tree), specs, mesh)
+
+
+def layout_table(
+    paths_leaves: list[tuple[str, Any]], specs: list[PartitionSpec], mesh: Mesh
+) -> Report:
+    """The layout table of :meth:`Rules.explain` (shared with ``ParallelFunction.explain``)."""
+    rows = []
+    for (path, leaf), spec in zip(paths_leaves, specs):
+        shape = shape_of(leaf)
+        dtype = getattr(leaf, "dtype", np.asarray(leaf).dtype)
+        rows.append(
+            (path, str(shape), repr(spec), format_bytes(bytes_per_device(shape, dtype, spec, mesh)))
+        )
+    return Report(table(("path", "shape", "spec", "bytes/device"), rows))
