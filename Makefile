@@ -20,15 +20,15 @@ $(STAMP): pyproject.toml
 	fi
 	@touch $(STAMP)
 
-test: setup
+test: lint typecheck
 	$(BIN)/python -m pytest -q
 
 example: setup
 	$(BIN)/python examples/mnist_dp/train.py
 
 lint: setup
-	$(BIN)/ruff check titanax tests examples
-	$(BIN)/ruff format --check titanax tests examples
+	$(BIN)/ruff check titanax tests examples conftest.py
+	$(BIN)/ruff format --check titanax tests examples conftest.py
 
 typecheck: setup
 	$(BIN)/mypy titanax

@@ -3,6 +3,8 @@ devices and a persistent compilation cache inside the clone."""
 
 import os
 
+os.environ.setdefault("NPROC", "32")  # see titanax/__init__.py: CPU collectives need threads
+
 import jax
 
 jax.config.update("jax_num_cpu_devices", 8)

@@ -4,7 +4,16 @@ Declare a mesh, sharding rules and collectives; wrap a pure step function with
 ``data_parallel``, ``tensor_parallel`` or ``pipeline``; write your own loop.
 """
 
-from titanax.errors import (
+import os as _os
+
+# JAX's CPU client runs each device's share of a program on a pool of NPROC threads
+# (default: the number of cores). When simulated CPU devices outnumber those threads,
+# programs with collectives deadlock once a few steps are in flight (measured with 8
+# devices on 2 cores, jax 0.10.2). Give the pool room unless the user chose a size.
+# This only takes effect if Titanax is imported before JAX starts its backend.
+_os.environ.setdefault("NPROC", str(max(32, _os.cpu_count() or 1)))
+
+from titanax.errors import (  # noqa: E402
     CheckpointError,
     CollectiveError,
     DistributedError,
@@ -14,7 +23,7 @@ from titanax.errors import (
     ScheduleError,
     TitanaxError,
 )
-from titanax.mesh import mesh
+from titanax.mesh import mesh  # noqa: E402
 from titanax.parallel.collectives import (
     all_gather,
     all_to_all,

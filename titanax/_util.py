@@ -36,6 +36,11 @@ def format_bytes(n: float) -> str:
     raise AssertionError  # unreachable
 
 
+def count(n: int, noun: str, plural: str | None = None) -> str:
+    """``count(1, "leaf", "leaves")`` -> ``'1 leaf'``; ``count(2, ...)`` -> ``'2 leaves'``."""
+    return f"{n} {noun if n == 1 else plural or noun + 's'}"
+
+
 class Report(str):
     """Text that shows itself unquoted at the prompt (tables, explanations)."""
 

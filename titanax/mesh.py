@@ -98,14 +98,18 @@ def mesh(devices: Sequence[jax.Device] | None = None, **axes: int) -> Mesh:
     devs = list(np.ravel(np.asarray(jax.devices() if devices is None else devices, dtype=object)))
     where = _call(axes)
     if not axes:
-        raise MeshError(f"tx.mesh: no axes given. Name at least one, e.g. tx.mesh(data={len(devs)}).")
+        raise MeshError(
+            f"tx.mesh: no axes given. Name at least one, e.g. tx.mesh(data={len(devs)})."
+        )
     if len(set(devs)) != len(devs):
         raise MeshError(f"{where}: the devices list holds a device more than once.")
     for name, size in axes.items():
         if not name.strip():
             raise MeshError(f"{where}: axis names must be non-empty; got {name!r}.")
-        if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or (
-            size <= 0 and size != -1
+        if (
+            isinstance(size, bool)
+            or not isinstance(size, (int, np.integer))
+            or (size <= 0 and size != -1)
         ):
             raise MeshError(
                 f"{where}: the size of axis {name!r} must be a positive integer or -1 "
@@ -119,7 +123,13 @@ def mesh(devices: Sequence[jax.Device] | None = None, **axes: int) -> Mesh:
             f"Give all but one a size, e.g. {_suggest(axes, n)}."
         )
     known = math.prod(v for v in axes.values() if v != -1)
-    if (wild and n % known) or (not wild and known != n):
+    if wild and n % known:
+        raise MeshError(
+            f"{where}: the sized axes multiply to {known}, which does not divide the "
+            f"{describe_devices(devs)}, so axis {wild[0]!r} cannot take the rest; "
+            f"try {_suggest(axes, n)}."
+        )
+    if not wild and known != n:
         raise MeshError(
             f"{where}: the axis sizes multiply to {known}, but there are "
             f"{describe_devices(devs)}. Sizes must multiply to {n}; try {_suggest(axes, n)}."

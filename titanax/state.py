@@ -53,8 +53,6 @@ class TrainState:
         Reduce ``grads`` across replicas first (``tx.pmean(grads, "data")``):
         this applies them as they are.
         """
-        updates, opt_state = self.optimizer.update(
-            grads, self.opt_state, self.params, **extra_args
-        )
+        updates, opt_state = self.optimizer.update(grads, self.opt_state, self.params, **extra_args)
         params = optax.apply_updates(self.params, updates)
         return dataclasses.replace(self, params=params, opt_state=opt_state, step=self.step + 1)

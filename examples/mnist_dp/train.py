@@ -50,28 +50,41 @@ def load_mnist(data_dir: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.nd
         with np.load(npz, allow_pickle=False) as f:
             parts = f["x_train"], f["y_train"], f["x_test"], f["y_test"]
     else:
+
         def find(stem: str) -> str:
-            for name in (stem, stem + ".gz", stem.replace("-idx", ".idx"),
-                         stem.replace("-idx", ".idx") + ".gz"):
+            for name in (
+                stem,
+                stem + ".gz",
+                stem.replace("-idx", ".idx"),
+                stem.replace("-idx", ".idx") + ".gz",
+            ):
                 if os.path.exists(p := os.path.join(data_dir, name)):
                     return p
             raise FileNotFoundError(f"no {stem}[.gz] or mnist.npz in {data_dir}")
 
-        parts = tuple(_read_idx(find(s)) for s in (
-            "train-images-idx3-ubyte", "train-labels-idx1-ubyte",
-            "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"))
+        parts = tuple(
+            _read_idx(find(s))
+            for s in (
+                "train-images-idx3-ubyte",
+                "train-labels-idx1-ubyte",
+                "t10k-images-idx3-ubyte",
+                "t10k-labels-idx1-ubyte",
+            )
+        )
     xtr, ytr, xte, yte = parts
     flat = lambda x: (x.reshape(len(x), -1) / 255.0).astype(np.float32)  # noqa: E731
     return flat(xtr), ytr.astype(np.int32), flat(xte), yte.astype(np.int32)
 
 
-def batches(x: np.ndarray, y: np.ndarray, batch_size: int, seed: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+def batches(
+    x: np.ndarray, y: np.ndarray, batch_size: int, seed: int
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """Shuffled batches, epoch after epoch; the last partial batch of an epoch is dropped."""
     rng = np.random.default_rng(seed)
     while True:
         order = rng.permutation(len(x))
         for i in range(0, len(x) - batch_size + 1, batch_size):
-            idx = order[i:i + batch_size]
+            idx = order[i : i + batch_size]
             yield x[idx], y[idx]
 
 
@@ -109,6 +122,7 @@ def loss_fn(params: dict[str, Any], batch: tuple[Any, Any]) -> Any:
 def train_step(state: Any, batch: tuple[Any, Any]) -> tuple[Any, dict[str, Any]]:
     """One step of one replica: local gradients, then the explicit DP reduction."""
     import jax
+
     import titanax as tx
 
     loss, grads = jax.value_and_grad(loss_fn)(state.params, batch)
@@ -119,6 +133,7 @@ def train_step(state: Any, batch: tuple[Any, Any]) -> tuple[Any, dict[str, Any]]
 def eval_step(params: dict[str, Any], batch: tuple[Any, Any, Any]) -> Any:
     """Correct predictions in the batch, summed over replicas (``mask`` drops padding)."""
     import jax.numpy as jnp
+
     import titanax as tx
 
     x, y, mask = batch
@@ -148,6 +163,7 @@ def train(
     """Trains on ``mesh`` and returns the final state and the loss of every step."""
     import jax
     import optax
+
     import titanax as tx
 
     xtr, ytr = data[0], data[1]
@@ -182,14 +198,27 @@ def main(argv: list[str] | None = None) -> float:
 
     import jax
 
-    jax.config.update("jax_num_cpu_devices", args.devices)  # CPU only; GPUs are real devices
+    try:  # simulated CPU devices; must come before JAX starts (GPUs are real devices)
+        jax.config.update("jax_num_cpu_devices", args.devices)
+    except RuntimeError:  # JAX already started (e.g. under pytest): use what is there
+        pass
+    if len(jax.devices()) < args.devices:
+        parser.error(f"--devices {args.devices}: only {len(jax.devices())} devices available")
     import titanax as tx
 
     data = load_mnist(args.data_dir) if args.data_dir else load_digits()
     mesh = tx.mesh(devices=jax.devices()[: args.devices], data=-1)
     print(f"{len(data[0])} training / {len(data[2])} test examples; mesh {dict(mesh.shape)}")
-    state, losses = train(mesh, data, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
-                          hidden=args.hidden, seed=args.seed, progress=True)
+    state, losses = train(
+        mesh,
+        data,
+        steps=args.steps,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        hidden=args.hidden,
+        seed=args.seed,
+        progress=True,
+    )
     evaluate = tx.data_parallel(eval_step, axis="data", mesh=mesh, donate=False)
     acc = accuracy(evaluate, state.params, data[2], data[3], mesh.shape["data"])
     print(f"final loss {losses[-1]:.4f}; test accuracy {acc:.4f}")

@@ -18,7 +18,11 @@ def test_axes_in_order_and_explicit():
 
 @pytest.mark.parametrize(
     "axes, shape",
-    [({"data": -1}, (8,)), ({"data": -1, "model": 2}, (4, 2)), ({"a": 2, "b": -1, "c": 2}, (2, 2, 2))],
+    [
+        ({"data": -1}, (8,)),
+        ({"data": -1, "model": 2}, (4, 2)),
+        ({"a": 2, "b": -1, "c": 2}, (2, 2, 2)),
+    ],
 )
 def test_minus_one_takes_the_rest(axes, shape):
     assert tx.mesh(**axes).devices.shape == shape
@@ -31,10 +35,18 @@ def test_given_devices():
 
 
 def test_sizes_must_multiply_to_device_count():
-    with pytest.raises(tx.MeshError, match=r"multiply to 6, but there are 8 devices \(8 cpu\)"
-                       r" in 1 process.*try tx.mesh\(data=-1, model=2\)"):
+    with pytest.raises(
+        tx.MeshError,
+        match=r"multiply to 6, but there are 8 devices \(8 cpu\)"
+        r" in 1 process.*try tx.mesh\(data=-1, model=2\)",
+    ):
         tx.mesh(data=3, model=2)
-    with pytest.raises(tx.MeshError, match=r"multiply to 3.*try tx.mesh\(data=-1, model=2\)"):
+    with pytest.raises(
+        tx.MeshError,
+        match=r"the sized axes multiply to 3, which does not divide "
+        r"the 8 devices.*axis 'data' cannot take the rest; "
+        r"try tx.mesh\(data=-1, model=2\)",
+    ):
         tx.mesh(data=-1, model=3)
 
 

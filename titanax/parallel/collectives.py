@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import difflib
 from collections.abc import Iterator, Sequence
 from typing import Any, NamedTuple
 
@@ -109,11 +110,12 @@ def _check(fn: str, axis_name: AxisName) -> None:
             if bound
             else "no Titanax transform is active"
         )
-        binder = _BINDER.get(name, f"tx.data_parallel(axis={name!r})")
-        raise CollectiveError(
-            f"tx.{fn}: axis {name!r} is not bound here ({where}). "
-            f"Call it inside a step wrapped with {binder}."
-        )
+        close = difflib.get_close_matches(name, list(bound), n=1)
+        if close:
+            fix = f"Did you mean {close[0]!r}?"
+        else:
+            fix = f"Call it inside a step wrapped with {_BINDER.get(name, f'tx.data_parallel(axis={name!r})')}."
+        raise CollectiveError(f"tx.{fn}: axis {name!r} is not bound here ({where}). {fix}")
 
 
 def psum(x: Any, axis_name: AxisName) -> Any:

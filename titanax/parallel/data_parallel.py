@@ -8,7 +8,7 @@ from typing import Any, TypeVar, overload
 import jax
 from jax.sharding import Mesh, PartitionSpec
 
-from titanax._util import bullets, leaves_with_paths, shape_of
+from titanax._util import bullets, count, leaves_with_paths, shape_of
 from titanax.errors import PlanError
 from titanax.parallel.plan import (
     ArgInfo,
@@ -33,16 +33,17 @@ def _layout(axis: str) -> Callable[[Any, ArgInfo], Any]:
         size = info.mesh.shape[axis]
         bad = []
         for path, leaf in leaves_with_paths(arg):
-            shape = shape_of(leaf)
+            shape, label = shape_of(leaf), path or "(the whole argument)"
             if not shape:
-                bad.append(f"{path or '<the argument>'}  is a scalar: a batch leaf needs a "
-                           "leading batch dimension")
+                bad.append(f"{label}  is a scalar: a batch leaf needs a leading batch dimension")
             elif shape[0] % size:
-                bad.append(f"{path or '<the argument>'}  shape {shape}: leading dimension "
-                           f"{shape[0]} is not divisible by {axis!r}={size}")
+                bad.append(
+                    f"{label}  shape {shape}: leading dimension "
+                    f"{shape[0]} is not divisible by {axis!r}={size}"
+                )
         if bad:
             raise PlanError(
-                f"{where}: {len(bad)} leaves of {info.name} cannot be split into {size} "
+                f"{where}: {count(len(bad), 'leaf', 'leaves')} of {info.name} cannot be split into {size} "
                 f"replicas along {axis!r}:\n{bullets(bad)}\n"
                 f"Make the global batch a multiple of {size}, or pass non-batch arguments "
                 "outside batch_argnums."

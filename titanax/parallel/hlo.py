@@ -20,9 +20,25 @@ __all__ = ["Collective", "collectives", "collectives_table", "summary"]
 KINDS = ("all-reduce", "all-gather", "reduce-scatter", "collective-permute", "all-to-all")
 
 _DTYPE_BYTES = {
-    "pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2, "s32": 4, "u32": 4,
-    "f32": 4, "s64": 8, "u64": 8, "f64": 8, "c64": 8, "c128": 16,
-    "f8e4m3fn": 1, "f8e5m2": 1, "s4": 1, "u4": 1,
+    "pred": 1,
+    "s8": 1,
+    "u8": 1,
+    "s16": 2,
+    "u16": 2,
+    "f16": 2,
+    "bf16": 2,
+    "s32": 4,
+    "u32": 4,
+    "f32": 4,
+    "s64": 8,
+    "u64": 8,
+    "f64": 8,
+    "c64": 8,
+    "c128": 16,
+    "f8e4m3fn": 1,
+    "f8e5m2": 1,
+    "s4": 1,
+    "u4": 1,
 }
 _OP = re.compile(
     r"^\s*(?:ROOT\s+)?%?[\w.\-]+\s*=\s*(?P<result>\(.*?\)|\S+)\s+"
@@ -102,13 +118,14 @@ def collectives(hlo_text: str, mesh: Mesh) -> list[Collective]:
         kind, result = m.group("kind"), m.group("result")
         arrays = _ARRAY.findall(result)
         if m.group("start") and kind in ("all-gather", "collective-permute") and len(arrays) > 1:
-            arrays = arrays[len(arrays) // 2:]  # async start results hold (operands, outputs)
+            arrays = arrays[len(arrays) // 2 :]  # async start results hold (operands, outputs)
         groups = _groups(line, mesh.devices.size)
         size = sum(_array_bytes(t, d) for t, d in arrays)
         if kind == "reduce-scatter":
             size *= max(len(groups[0]), 1)
-        found.append(Collective(kind, _axes(groups, mesh), size,
-                                tuple(f"{t}[{d}]" for t, d in arrays)))
+        found.append(
+            Collective(kind, _axes(groups, mesh), size, tuple(f"{t}[{d}]" for t, d in arrays))
+        )
     return found
 
 
@@ -122,8 +139,7 @@ def collectives_table(found: list[Collective]) -> str:
     if not found:
         return "collectives: none"
     rows = [
-        (c.kind, ",".join(c.axes) or "-", format_bytes(c.bytes), " ".join(c.shapes))
-        for c in found
+        (c.kind, ",".join(c.axes) or "-", format_bytes(c.bytes), " ".join(c.shapes)) for c in found
     ]
     total = format_bytes(sum(c.bytes for c in found))
     return table(("collective", "axes", "bytes/device", "shapes"), rows) + f"\ntotal: {total}"

@@ -15,7 +15,7 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
-from titanax._util import Report, bullets, leaves_with_paths, shape_of
+from titanax._util import Report, bullets, count, leaves_with_paths, shape_of
 from titanax.errors import PlanError, TitanaxError
 from titanax.parallel import hlo
 from titanax.parallel.collectives import BoundAxis, bind_axes
@@ -30,7 +30,7 @@ _is_spec = lambda x: isinstance(x, PartitionSpec)  # noqa: E731
 class ArgInfo(NamedTuple):
     """What a layer is told about one argument when it lays it out."""
 
-    index: int
+    position: int
     name: str  # "argument 0 (state)", for messages
     is_batch: bool
     mesh: Mesh
@@ -80,7 +80,7 @@ class Plan:
     def of(cls, layers: Sequence[Layer]) -> Plan:
         """Merges layers, checking that they can share one program."""
         seen: dict[str, Layer] = {}
-        meshes = []
+        meshes: list[Mesh] = []
         for layer in layers:
             if layer.axis in seen:
                 raise PlanError(
@@ -91,12 +91,25 @@ class Plan:
             seen[layer.axis] = layer
             if layer.mesh is not None and all(layer.mesh is not m for m in meshes):
                 meshes.append(layer.mesh)
-        if len({(m.axis_names, m.devices.shape, tuple(d.id for d in m.devices.flat))
-                for m in meshes}) > 1:
+        if (
+            len(
+                {
+                    (m.axis_names, m.devices.shape, tuple(d.id for d in m.devices.flat))
+                    for m in meshes
+                }
+            )
+            > 1
+        ):
             raise PlanError(
-                "the transforms of one stack were given different meshes:\n"
-                + bullets([f"{layer.describe()}: {_mesh_str(layer.mesh)}"
-                           for layer in layers if layer.mesh is not None])
+                " + ".join(layer.describe() for layer in layers)
+                + ": the transforms of one stack were given different meshes:\n"
+                + bullets(
+                    [
+                        f"{layer.describe()}: {_mesh_str(layer.mesh)}"
+                        for layer in layers
+                        if layer.mesh is not None
+                    ]
+                )
                 + "\nGive the mesh to one transform only (the others find it), or the same "
                 "mesh to all."
             )
@@ -155,7 +168,8 @@ class Plan:
         """
         auto = {layer.axis for layer in self.layers if not layer.manual}
         types = tuple(
-            AxisType.Auto if name in auto else t for name, t in zip(mesh.axis_names, mesh.axis_types)
+            AxisType.Auto if name in auto else t
+            for name, t in zip(mesh.axis_names, mesh.axis_types)
         )
         if types == tuple(mesh.axis_types):
             return mesh
@@ -185,9 +199,13 @@ class Plan:
         for i, arg in enumerate(args):
             info = ArgInfo(i, names[i], i in batch, mesh)
             per_layer = [layer.layout(arg, info) for layer in self.layers]
-            merged = jax.tree.map(
-                lambda x, *specs: _merge(x, specs, mesh), arg, *per_layer, is_leaf=None
-            ) if per_layer else jax.tree.map(lambda _: P(), arg)
+            merged = (
+                jax.tree.map(
+                    lambda x, *specs: _merge(x, specs, mesh), arg, *per_layer, is_leaf=None
+                )
+                if per_layer
+                else jax.tree.map(lambda _: P(), arg)
+            )
             problems = [
                 f"{path}  shape {shape_of(leaf)}: {problem}"
                 for (path, leaf), spec in zip(leaves_with_paths(arg), _spec_leaves(merged))
@@ -272,7 +290,12 @@ class _Entry:
         )
         self.out_specs: Any = None
         self.checked = not manual  # replica agreement is checked once when axes are manual
-        donate = tuple(i for i in range(len(args)) if i not in self.batch) if plan.donate else ()
+        # Donate the state, not batches, keys or hyperparameters: arguments with an array leaf.
+        donate = tuple(
+            i
+            for i, a in enumerate(args)
+            if plan.donate and i not in self.batch and any(shape_of(x) for x in jax.tree.leaves(a))
+        )
         fun, bound = pf.fun, plan.bound_axes()
         in_trees = [jax.tree.structure(a) for a in args]
 
@@ -282,11 +305,16 @@ class _Entry:
 
         def outer(*global_args: Any) -> Any:
             if manual:
-                local_specs = jax.tree.map(lambda s: _restrict(s, manual), self.in_specs,
-                                           is_leaf=_is_spec)
+                local_specs = jax.tree.map(
+                    lambda s: _restrict(s, manual), self.in_specs, is_leaf=_is_spec
+                )
                 out = jax.shard_map(
-                    body, mesh=self.cmesh, in_specs=local_specs, out_specs=P(),
-                    axis_names=set(manual), check_vma=False,
+                    body,
+                    mesh=self.cmesh,
+                    in_specs=local_specs,
+                    out_specs=P(),
+                    axis_names=set(manual),
+                    check_vma=False,
                 )(*global_args)
             else:
                 out = body(*global_args)
@@ -326,7 +354,8 @@ class _Entry:
             axes = ", ".join(repr(a) for a in sorted(plan.manual_axes))
             raise PlanError(
                 f"{' + '.join(lay.describe() for lay in plan.layers if lay.manual)}: "
-                f"{len(bad)} output leaves differ between replicas along {axes}, but outputs "
+                f"{count(len(bad), 'output leaf', 'output leaves')} differ"
+                f"{'s' if len(bad) == 1 else ''} between replicas along {axes}, but outputs "
                 f"are replicated:\n{bullets(bad)}\n"
                 "Each replica computed its own value and nothing reduced it. Reduce in the step: "
                 f"grads = tx.pmean(grads, {sorted(plan.manual_axes)[0]!r}) before the update, and "
@@ -338,17 +367,24 @@ def _top_level(out: Any) -> tuple[Any, ...]:
     return out if isinstance(out, tuple) else (out,)
 
 
-def _out_specs(out: Any, args: Sequence[Any], in_trees: Sequence[Any], in_specs: Sequence[Any],
-               batch: frozenset[int]) -> Any:
+def _out_specs(
+    out: Any,
+    args: Sequence[Any],
+    in_trees: Sequence[Any],
+    in_specs: Sequence[Any],
+    batch: frozenset[int],
+) -> Any:
     """An output shaped like a non-batch input takes its layout; everything else is replicated."""
     specs = []
     for part in _top_level(out):
         tree = jax.tree.structure(part)
         shapes = [shape_of(x) for x in jax.tree.leaves(part)]
         for i, arg in enumerate(args):
-            if i not in batch and in_trees[i] == tree and shapes == [
-                shape_of(x) for x in jax.tree.leaves(arg)
-            ]:
+            if (
+                i not in batch
+                and in_trees[i] == tree
+                and shapes == [shape_of(x) for x in jax.tree.leaves(arg)]
+            ):
                 specs.append(in_specs[i])
                 break
         else:
@@ -399,7 +435,9 @@ class ParallelFunction:
 
     def __init__(self, fun: Callable[..., Any], plan: Plan):
         if isinstance(fun, ParallelFunction):
-            raise TypeError("wrap ParallelFunction.fun, not the ParallelFunction")  # internal misuse
+            raise TypeError(
+                "wrap ParallelFunction.fun, not the ParallelFunction"
+            )  # internal misuse
         self.fun = fun
         self.plan = plan
         self._cache: dict[Any, _Entry] = {}  # by structure, shapes and dtypes
@@ -479,8 +517,10 @@ class ParallelFunction:
         rows: list[tuple[str, Any]] = []
         specs: list[PartitionSpec] = []
         for name, arg, spec in zip(entry.names, args, in_specs):
-            rows += [(f"{name.split(' ', 2)[-1].strip('()') or name}/{p}".rstrip("/"), x)
-                     for p, x in leaves_with_paths(arg)]
+            rows += [
+                (f"{name.split(' ', 2)[-1].strip('()') or name}/{p}".rstrip("/"), x)
+                for p, x in leaves_with_paths(arg)
+            ]
             specs += _spec_leaves(spec)
         for k, (part, spec) in enumerate(zip(_top_level(out_avals), _top_level(out_specs))):
             rows += [(f"out{k}/{p}".rstrip("/"), x) for p, x in leaves_with_paths(part)]
@@ -492,7 +532,7 @@ class ParallelFunction:
             f"{stack} on mesh ({mesh}); manual axes: {manual}\n\n"
             + layout_table(rows, specs, entry.mesh)
             + "\n\n"
-            + hlo.collectives_table(hlo.collectives(compiled.as_text(), entry.mesh))
+            + hlo.collectives_table(hlo.collectives(compiled.as_text() or "", entry.mesh))
         )
         return Report(text)
 

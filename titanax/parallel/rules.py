@@ -11,7 +11,16 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, PartitionSpec
 
-from titanax._util import Report, bullets, format_bytes, leaves_with_paths, nbytes, shape_of, table
+from titanax._util import (
+    Report,
+    bullets,
+    count,
+    format_bytes,
+    leaves_with_paths,
+    nbytes,
+    shape_of,
+    table,
+)
 from titanax.errors import RuleError
 
 __all__ = ["Rules", "spec_problem", "spec_axes", "bytes_per_device"]
@@ -54,9 +63,8 @@ def spec_problem(shape: tuple[int, ...], spec: PartitionSpec, mesh: Mesh | None)
         parts = math.prod(mesh.shape[a] for a in axes)
         if shape[dim] % parts:
             sizes = " x ".join(f"{a!r}={mesh.shape[a]}" for a in axes)
-            return (
-                f"dimension {dim} (size {shape[dim]}) is not divisible by {sizes}"
-                + (f" = {parts}" if len(axes) > 1 else "")
+            return f"dimension {dim} (size {shape[dim]}) is not divisible by {sizes}" + (
+                f" = {parts}" if len(axes) > 1 else ""
             )
     return None
 
@@ -200,7 +208,7 @@ class Rules:
             last = unmatched[0][0].rsplit("/", 2)[-2:]
             example = "/".join(last)
             parts.append(
-                f"{where}: {n} leaf{'s' if n > 1 else ''} of {what} match{'' if n > 1 else 'es'} "
+                f"{where}: {count(n, 'leaf', 'leaves')} of {what} match{'' if n > 1 else 'es'} "
                 "no rule:\n"
                 + bullets([f"{p.ljust(width)}  shape {s}" for p, s in unmatched])
                 + f'\nAdd a rule for {"them" if n > 1 else "it"}, e.g. (r"{example}$", P()), '
@@ -208,14 +216,15 @@ class Rules:
             )
         if misfits:
             n = len(misfits)
-            fix = (
-                "Change the rule's spec, or the mesh axis sizes "
-                f"({', '.join(f'{k}={v}' for k, v in mesh.shape.items())}), or pad the array."
-                if mesh is not None
-                else "Change the rule's spec."
-            )
+            fixes = ["Change the rule's spec"]
+            if any("not divisible" in m for m in misfits) and mesh is not None:
+                sizes = ", ".join(f"{k}={v}" for k, v in mesh.shape.items())
+                fixes += [f"the mesh axis sizes ({sizes})", "pad the array"]
+            if any("not in the mesh" in m for m in misfits):
+                fixes.append("build the mesh with that axis")
+            fix = ", or ".join(fixes) + "."
             parts.append(
-                f"{where}: the spec of {n} leaf{'s' if n > 1 else ''} of {what} does not fit:\n"
+                f"{where}: the spec of {count(n, 'leaf', 'leaves')} of {what} does not fit:\n"
                 + bullets(misfits)
                 + f"\n{fix}"
             )

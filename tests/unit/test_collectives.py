@@ -1,0 +1,92 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import titanax as tx
+
+
+@pytest.fixture(scope="module")
+def mesh():
+    return tx.mesh(data=8)
+
+
+def run(mesh, body, *args):
+    """Runs ``body`` once per replica on rows of ``args`` (one row per replica)."""
+    return tx.data_parallel(body, mesh=mesh, batch_argnums=tuple(range(len(args))), donate=False)(
+        *args
+    )
+
+
+X = np.arange(24, dtype=np.float32).reshape(8, 3) ** 1.5
+
+
+def test_reductions_match_numpy(mesh):
+    out = run(mesh, lambda x: (tx.psum(x, "data"), tx.pmean(x, "data"), tx.pmax(x, "data")), X)
+    np.testing.assert_allclose(out[0], X.sum(0, keepdims=True), rtol=1e-6)
+    np.testing.assert_allclose(out[1], X.mean(0, keepdims=True), rtol=1e-6)
+    np.testing.assert_allclose(out[2], X.max(0, keepdims=True), rtol=1e-6)
+
+
+def test_gather_scatter_permute_match_numpy(mesh):
+    def body(x):
+        i = tx.axis_index("data")
+        full = tx.all_gather(x, "data", axis=0, tiled=True)  # (8, 3) everywhere
+        scattered = tx.psum_scatter(full * (i + 1.0), "data", tiled=True)  # row i: sum_j (j+1) X[i]
+        shifted = tx.ppermute(x, "data", [(j, (j + 1) % 8) for j in range(8)])
+        blocks = jnp.broadcast_to(i * 10.0 + jnp.arange(8.0)[:, None], (8, 2))
+        swapped = tx.all_to_all(blocks, "data", 0, 0, tiled=True)  # row j: j * 10 + i
+        g = lambda v: tx.all_gather(v, "data", axis=0, tiled=True)  # noqa: E731
+        return full, g(scattered), g(shifted), g(swapped), g(i[None]), tx.axis_size("data")
+
+    full, scattered, shifted, swapped, index, size = run(mesh, body, X)
+    np.testing.assert_allclose(full, X)
+    np.testing.assert_allclose(scattered, X * 36.0, rtol=1e-6)  # sum_{j<8} (j + 1) = 36
+    np.testing.assert_allclose(shifted, np.roll(X, 1, axis=0))
+    # replica i ends with block j of replica j, i.e. j * 10 + i at row j
+    expected = np.arange(8.0)[None, :] * 10 + np.arange(8.0)[:, None]  # [i, j]
+    np.testing.assert_allclose(swapped.reshape(8, 8, 2)[..., 0], expected)
+    np.testing.assert_allclose(swapped.reshape(8, 8, 2)[..., 1], expected)
+    np.testing.assert_array_equal(index, np.arange(8))
+    assert int(size) == 8
+
+
+def test_same_as_jax_lax_under_vmap():
+    x = jnp.arange(12.0).reshape(4, 3)
+    for ours, theirs in [
+        (tx.psum, jax.lax.psum),
+        (tx.pmean, jax.lax.pmean),
+        (tx.pmax, jax.lax.pmax),
+    ]:
+        a = jax.vmap(lambda v, f=ours: f(v, "i"), axis_name="i")(x)
+        b = jax.vmap(lambda v, f=theirs: f(v, "i"), axis_name="i")(x)
+        np.testing.assert_array_equal(a, b)
+
+
+def test_unbound_outside_any_transform():
+    with pytest.raises(
+        tx.CollectiveError,
+        match=r"tx.pmean: axis 'data' is not bound here \(no "
+        r"Titanax transform is active\). Call it inside a step wrapped with "
+        r"tx.data_parallel\(axis='data'\)",
+    ):
+        tx.pmean(jnp.ones(3), "data")
+
+
+def test_wrong_axis_names_the_bound_axes(mesh):
+    with pytest.raises(
+        tx.CollectiveError,
+        match=r"tx.psum: axis 'batch' is not bound here "
+        r"\(bound axes: 'data' \(tx.data_parallel\)\)",
+    ):
+        run(mesh, lambda x: tx.psum(x, "batch"), X)
+
+
+def test_stage_axis_points_to_pipeline():
+    with pytest.raises(tx.CollectiveError, match=r"inside a step wrapped with tx.pipeline"):
+        tx.ppermute(jnp.ones(3), "stage", [(0, 1)])
+
+
+def test_axis_tuples_are_checked_per_name(mesh):
+    with pytest.raises(tx.CollectiveError, match="axis 'model' is not bound"):
+        run(mesh, lambda x: tx.psum(x, ("data", "model")), X)
