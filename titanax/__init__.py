@@ -24,6 +24,7 @@ from titanax.errors import (  # noqa: E402
     TitanaxError,
 )
 from titanax.mesh import mesh  # noqa: E402
+from titanax.parallel import rules  # noqa: E402  (tx.rules.megatron_mlp, ...)
 from titanax.parallel.collectives import (
     all_gather,
     all_to_all,
@@ -38,6 +39,7 @@ from titanax.parallel.collectives import (
 from titanax.parallel.data_parallel import data_parallel
 from titanax.parallel.plan import ParallelFunction, Plan
 from titanax.parallel.rules import Rules
+from titanax.parallel.tensor_parallel import constrain, tensor_parallel
 from titanax.state import TrainState
 
 __version__ = "0.1.0"
@@ -57,6 +59,7 @@ __all__ = [
     "TrainState",
     "all_gather",
     "all_to_all",
+    "constrain",
     "axis_index",
     "axis_size",
     "data_parallel",
@@ -66,4 +69,6 @@ __all__ = [
     "ppermute",
     "psum",
     "psum_scatter",
+    "rules",
+    "tensor_parallel",
 ]

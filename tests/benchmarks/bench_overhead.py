@@ -1,4 +1,4 @@
-"""Overhead of a Titanax step against the same step hand-written with jit + shard_map.
+"""Overhead of Titanax steps against the same steps hand-written with jit + shard_map.
 
 Timings are printed, never asserted: simulated devices share two cores, so only
 ratios measured in one run mean anything. Run with `make bench`.
@@ -8,14 +8,15 @@ import statistics
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
-from jax.sharding import NamedSharding
+from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import titanax as tx
-from examples.mnist_dp import train as example
+from examples.gpt_small_tp import model as gpt
+from examples.gpt_small_tp import train as gpt_example
+from examples.mnist_dp import train as mnist
 
 
 def _time(fn, state, batch, steps):
@@ -27,18 +28,58 @@ def _time(fn, state, batch, steps):
     return (time.perf_counter() - t) / steps, state
 
 
+def _compile_seconds(fn, *args):
+    """Best of 3 trace + lower + compile, with the persistent cache off."""
+    jax.config.update("jax_enable_compilation_cache", False)
+    try:
+        times = []
+        for _ in range(3):
+            jax.clear_caches()
+            t0 = time.perf_counter()
+            fn.lower(*args).compile()
+            times.append(time.perf_counter() - t0)
+        return min(times)
+    finally:
+        jax.config.update("jax_enable_compilation_cache", True)
+
+
+def compare(name, titanax_step, hand_step, make_state, shardings, batch, steps, rounds=7):
+    """Median step-time ratio over alternating runs, and the compile-time ratio."""
+    state_sharding, batch_sharding = shardings
+    placed = jax.device_put(batch, batch_sharding)
+    state = jax.device_put(make_state(), state_sharding)
+    c_tx = _compile_seconds(titanax_step, state, placed)
+    c_hand = _compile_seconds(hand_step, state, placed)
+    s_tx = titanax_step(make_state(), batch)[0]
+    s_hand = hand_step(jax.device_put(make_state(), state_sharding), placed)[0]
+    ratios = []
+    for _ in range(rounds):
+        t_tx, s_tx = _time(titanax_step, s_tx, placed, steps)
+        t_hand, s_hand = _time(hand_step, s_hand, placed, steps)
+        ratios.append(t_tx / t_hand)
+    print(
+        f"\n{name}: step Titanax {t_tx * 1e3:.2f} ms, hand-written {t_hand * 1e3:.2f} ms; "
+        f"median ratio over {rounds} alternating runs {statistics.median(ratios):.3f}"
+        f"\n{name}: trace + lower + compile Titanax {c_tx:.3f} s, hand-written {c_hand:.3f} s; "
+        f"ratio {c_tx / c_hand:.2f}"
+    )
+    a, b = jax.tree.leaves(s_tx.params)[0], jax.tree.leaves(s_hand.params)[0]
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)  # the same program: the same numbers
+
+
 def test_data_parallel_step_overhead():
     mesh = tx.mesh(data=8)
-    x, y = example.load_digits()[:2]
+    x, y = mnist.load_digits()[:2]
     batch = (x[:128], y[:128])
-    make = lambda: tx.TrainState.create(  # noqa: E731
-        example.init_params(jax.random.key(0), (64, 128, 128, 10)), optax.adam(1e-3)
-    )
 
-    titanax_step = tx.data_parallel(example.train_step, mesh=mesh)
+    optimizer = optax.adam(1e-3)
+
+    def make():
+        params = mnist.init_params(jax.random.key(0), (64, 128, 128, 10))
+        return tx.TrainState.create(params, optimizer)
 
     def body(state, batch):  # the same step, by hand
-        loss, grads = jax.value_and_grad(example.loss_fn)(state.params, batch)
+        loss, grads = jax.value_and_grad(mnist.loss_fn)(state.params, batch)
         grads = jax.lax.pmean(grads, "data")
         return state.apply_gradients(grads), {"loss": jax.lax.pmean(loss, "data")}
 
@@ -48,41 +89,53 @@ def test_data_parallel_step_overhead():
         in_shardings=(rep, dat),
         donate_argnums=0,
     )
-    placed = jax.device_put(batch, dat)
-    state = jax.device_put(make(), rep)
+    titanax_step = tx.data_parallel(mnist.train_step, mesh=mesh)
+    compare("DP (MNIST MLP, data=8)", titanax_step, hand, make, (rep, dat), batch, steps=100)
 
-    def compile_seconds(fn):
-        times = []
-        for _ in range(3):
-            jax.clear_caches()
-            t0 = time.perf_counter()
-            fn.lower(state, placed).compile()
-            times.append(time.perf_counter() - t0)
-        return min(times)
 
-    jax.config.update("jax_enable_compilation_cache", False)  # measure real compiles
-    try:
-        compile_tx, compile_hand = compile_seconds(titanax_step), compile_seconds(hand)
-    finally:
-        jax.config.update("jax_enable_compilation_cache", True)
-    t0 = time.perf_counter()
-    s_tx = titanax_step(make(), batch)[0]
-    first_call = time.perf_counter() - t0
-    s_hand = hand(jax.device_put(make(), rep), placed)[0]
+def test_dp_x_tp_step_overhead():
+    cfg = gpt.GPTConfig(seq_len=64, d_model=128, heads=4, layers=2)
+    mesh = tx.mesh(data=2, model=4)
+    tokens = gpt.windows(gpt.corpus(), 8, cfg.seq_len + 1, np.random.default_rng(0))
 
-    ratios = []
-    for _ in range(7):
-        t_tx, s_tx = _time(titanax_step, s_tx, placed, 100)
-        t_hand, s_hand = _time(hand, s_hand, placed, 100)
-        ratios.append(t_tx / t_hand)
-    print(
-        f"\nDP step (MNIST MLP, mesh data=8): Titanax {t_tx * 1e3:.3f} ms, hand-written "
-        f"{t_hand * 1e3:.3f} ms; median ratio over 7 alternating runs {statistics.median(ratios):.3f}"
-        f"\ntrace + lower + compile: Titanax {compile_tx:.3f} s, hand-written "
-        f"{compile_hand:.3f} s; ratio {compile_tx / compile_hand:.2f}"
-        f"\nTitanax first call (placement, compile, replica check): {first_call:.3f} s"
+    optimizer = optax.adam(1e-3)  # one object: the optimizer is static, part of the treedef
+
+    def make():
+        return tx.TrainState.create(gpt.init(jax.random.key(0), cfg), optimizer)
+
+    titanax_step, _ = gpt_example.make_steps(cfg, mesh)
+
+    def body(state, tokens):  # by hand: jit + NamedSharding + shard_map, manual over data
+        loss, grads = jax.value_and_grad(gpt.loss_fn)(state.params, tokens, cfg)
+        grads = jax.lax.pmean(grads, "data")
+        return state.apply_gradients(grads), {"loss": jax.lax.pmean(loss, "data")}
+
+    auto = Mesh(mesh.devices, mesh.axis_names, axis_types=(AxisType.Explicit, AxisType.Auto))
+    specs = gpt_example.gpt_rules().specs(make(), mesh)
+    state_sharding = jax.tree.map(
+        lambda s: NamedSharding(auto, s), specs, is_leaf=lambda s: isinstance(s, P)
     )
-    np.testing.assert_allclose(
-        jax.tree.leaves(s_tx.params)[0], jax.tree.leaves(s_hand.params)[0], rtol=1e-5, atol=1e-6
-    )  # same program, same numbers
-    assert jnp.isfinite(jax.tree.leaves(s_tx.params)[0]).all()
+    batch_sharding = NamedSharding(auto, P("data"))
+    hand = jax.jit(
+        jax.shard_map(
+            body,
+            mesh=auto,
+            in_specs=(P(), P("data")),
+            out_specs=P(),
+            axis_names={"data"},
+            check_vma=False,
+        ),
+        in_shardings=(state_sharding, batch_sharding),
+        out_shardings=(state_sharding, NamedSharding(auto, P())),
+        donate_argnums=0,
+    )
+    compare(
+        "DP x TP (GPT 2x128, data=2 x model=4)",
+        titanax_step,
+        hand,
+        make,
+        (state_sharding, batch_sharding),
+        tokens,
+        steps=10,
+        rounds=5,
+    )

@@ -90,3 +90,39 @@ def test_stage_axis_points_to_pipeline():
 def test_axis_tuples_are_checked_per_name(mesh):
     with pytest.raises(tx.CollectiveError, match="axis 'model' is not bound"):
         run(mesh, lambda x: tx.psum(x, ("data", "model")), X)
+
+
+def test_size_one_axes_under_dp_x_tp_match_jax():
+    # XLA rejects all-reduces over a size-1 manual axis of a partly manual program; the
+    # guarded collectives compute these identities without one, with jax.lax's results.
+    from jax.sharding import PartitionSpec as P
+
+    mesh = tx.mesh(devices=jax.devices()[:4], data=1, model=4)
+    x = jnp.arange(12.0).reshape(2, 3, 2)
+
+    def body(x, lax):
+        return (
+            lax.psum(x, "data"),
+            lax.pmean(x, "data"),
+            lax.pmax(x, "data"),
+            lax.all_gather(x, "data"),
+            lax.all_gather(x, "data", axis=1, tiled=True),
+            lax.psum_scatter(x[:1], "data"),
+            lax.ppermute(x, "data", [(0, 0)]),
+            lax.all_to_all(x[:1], "data", 0, 2),
+            lax.axis_index("data"),
+            lax.axis_size("data"),
+        )
+
+    ours = tx.data_parallel(
+        tx.tensor_parallel(tx.Rules((".*", P())))(lambda x: body(x, tx)),
+        mesh=mesh,
+        batch_argnums=(),
+        donate=False,
+    )(x)
+    one = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("data",))
+    theirs = jax.shard_map(
+        lambda x: body(x, jax.lax), mesh=one, in_specs=P(), out_specs=P(), check_vma=False
+    )(x)
+    for a, b in zip(ours, theirs):
+        np.testing.assert_array_equal(a, b)

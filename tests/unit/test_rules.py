@@ -98,7 +98,7 @@ def test_unknown_axis_and_too_many_dims(mesh):
     with pytest.raises(
         tx.RuleError,
         match=r"spec P\(None, 'model'\) has 2 entries but the leaf "
-        "has 1 dimensions",
+        "has 1 dimension\\n",
     ):
         tx.Rules((r".*", P(None, "model"))).specs({"x": jnp.zeros(8)}, mesh)
     with pytest.raises(tx.RuleError, match="uses axis 'model' more than once"):

@@ -32,6 +32,7 @@ from collections.abc import Iterator, Sequence
 from typing import Any, NamedTuple
 
 import jax
+import jax.numpy as jnp
 
 from titanax.errors import CollectiveError
 
@@ -56,6 +57,7 @@ class BoundAxis(NamedTuple):
     name: str
     transform: str  # e.g. "data_parallel"
     manual: bool  # True: the body sees per-replica values and may use collectives
+    size: int = 0  # the axis size, when known
 
 
 _BOUND: contextvars.ContextVar[tuple[BoundAxis, ...]] = contextvars.ContextVar(
@@ -89,9 +91,17 @@ def _jax_binds(name: str) -> bool:
     return True
 
 
-def _check(fn: str, axis_name: AxisName) -> None:
+def _check(fn: str, axis_name: AxisName) -> bool:
+    """Raises unless every axis of ``axis_name`` is bound; returns whether all are of size 1.
+
+    Collectives over manual axes of size 1 are identities, computed without a
+    collective: XLA rejects an all-reduce over a size-1 manual axis of a
+    partly manual program (``Cross-partition allreduce must be in (partial)
+    manual partitioning mode``, jax 0.10.2), e.g. ``data=1`` under DP x TP.
+    """
     names = (axis_name,) if isinstance(axis_name, str) else tuple(axis_name)
     bound = {b.name: b for b in _BOUND.get()}
+    trivial = all(n in bound and bound[n].manual and bound[n].size == 1 for n in names)
     for name in names:
         b = bound.get(name)
         if b is not None and b.manual:
@@ -116,29 +126,34 @@ def _check(fn: str, axis_name: AxisName) -> None:
         else:
             fix = f"Call it inside a step wrapped with {_BINDER.get(name, f'tx.data_parallel(axis={name!r})')}."
         raise CollectiveError(f"tx.{fn}: axis {name!r} is not bound here ({where}). {fix}")
+    return trivial
 
 
 def psum(x: Any, axis_name: AxisName) -> Any:
     """Sum of ``x`` over ``axis_name``; as :func:`jax.lax.psum`."""
-    _check("psum", axis_name)
+    if _check("psum", axis_name):
+        return x
     return jax.lax.psum(x, axis_name)
 
 
 def pmean(x: Any, axis_name: AxisName) -> Any:
     """Mean of ``x`` over ``axis_name``; as :func:`jax.lax.pmean`."""
-    _check("pmean", axis_name)
+    if _check("pmean", axis_name):
+        return x
     return jax.lax.pmean(x, axis_name)
 
 
 def pmax(x: Any, axis_name: AxisName) -> Any:
     """Maximum of ``x`` over ``axis_name``; as :func:`jax.lax.pmax`."""
-    _check("pmax", axis_name)
+    if _check("pmax", axis_name):
+        return x
     return jax.lax.pmax(x, axis_name)
 
 
 def all_gather(x: Any, axis_name: AxisName, *, axis: int = 0, tiled: bool = False) -> Any:
     """Gathers ``x`` from every member of ``axis_name``; as :func:`jax.lax.all_gather`."""
-    _check("all_gather", axis_name)
+    if _check("all_gather", axis_name):
+        return x if tiled else jax.tree.map(lambda v: jnp.expand_dims(v, axis), x)
     return jax.lax.all_gather(x, axis_name, axis=axis, tiled=tiled)
 
 
@@ -146,13 +161,15 @@ def psum_scatter(
     x: Any, axis_name: AxisName, *, scatter_dimension: int = 0, tiled: bool = False
 ) -> Any:
     """Sums ``x`` over ``axis_name`` and keeps this member's slice; as :func:`jax.lax.psum_scatter`."""
-    _check("psum_scatter", axis_name)
+    if _check("psum_scatter", axis_name):
+        return x if tiled else jnp.squeeze(x, scatter_dimension)
     return jax.lax.psum_scatter(x, axis_name, scatter_dimension=scatter_dimension, tiled=tiled)
 
 
 def ppermute(x: Any, axis_name: AxisName, perm: Sequence[tuple[int, int]]) -> Any:
     """Sends ``x`` between members of ``axis_name`` by ``perm``; as :func:`jax.lax.ppermute`."""
-    _check("ppermute", axis_name)
+    if _check("ppermute", axis_name):
+        return x if (0, 0) in [tuple(p) for p in perm] else jax.tree.map(jnp.zeros_like, x)
     return jax.lax.ppermute(x, axis_name, perm)
 
 
@@ -160,17 +177,20 @@ def all_to_all(
     x: Any, axis_name: AxisName, split_axis: int, concat_axis: int, *, tiled: bool = False
 ) -> Any:
     """Splits, exchanges and concatenates ``x`` over ``axis_name``; as :func:`jax.lax.all_to_all`."""
-    _check("all_to_all", axis_name)
+    if _check("all_to_all", axis_name):
+        return x if tiled else jnp.moveaxis(x, split_axis, concat_axis)
     return jax.lax.all_to_all(x, axis_name, split_axis, concat_axis, tiled=tiled)
 
 
 def axis_index(axis_name: AxisName) -> jax.Array:
     """This member's index along ``axis_name``; as :func:`jax.lax.axis_index`."""
-    _check("axis_index", axis_name)
+    if _check("axis_index", axis_name):
+        return jnp.zeros((), jnp.int32)
     return jax.lax.axis_index(axis_name)
 
 
 def axis_size(axis_name: AxisName) -> int:
     """The number of members of ``axis_name``; as :func:`jax.lax.axis_size`."""
-    _check("axis_size", axis_name)
+    if _check("axis_size", axis_name):
+        return 1
     return jax.lax.axis_size(axis_name)

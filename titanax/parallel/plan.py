@@ -220,8 +220,11 @@ class Plan:
             out.append(merged)
         return tuple(out)
 
-    def bound_axes(self) -> tuple[BoundAxis, ...]:
-        return tuple(BoundAxis(layer.axis, layer.transform, layer.manual) for layer in self.layers)
+    def bound_axes(self, mesh: Mesh) -> tuple[BoundAxis, ...]:
+        return tuple(
+            BoundAxis(layer.axis, layer.transform, layer.manual, mesh.shape[layer.axis])
+            for layer in self.layers
+        )
 
 
 def _mesh_str(mesh: Mesh | None) -> str:
@@ -296,7 +299,7 @@ class _Entry:
             for i, a in enumerate(args)
             if plan.donate and i not in self.batch and any(shape_of(x) for x in jax.tree.leaves(a))
         )
-        fun, bound = pf.fun, plan.bound_axes()
+        fun, bound = pf.fun, plan.bound_axes(self.mesh)
         in_trees = [jax.tree.structure(a) for a in args]
 
         def body(*local_args: Any) -> Any:
@@ -304,22 +307,24 @@ class _Entry:
                 return fun(*local_args)
 
         def outer(*global_args: Any) -> Any:
-            if manual:
-                local_specs = jax.tree.map(
-                    lambda s: _restrict(s, manual), self.in_specs, is_leaf=_is_spec
-                )
-                out = jax.shard_map(
-                    body,
-                    mesh=self.cmesh,
-                    in_specs=local_specs,
-                    out_specs=P(),
-                    axis_names=set(manual),
-                    check_vma=False,
-                )(*global_args)
-            else:
-                out = body(*global_args)
-            self.out_specs = _out_specs(out, global_args, in_trees, self.in_specs, self.batch)
-            return _constrain(out, self.out_specs, self.cmesh, plan)
+            # The plan's mesh is the context mesh of the body (whatever jax.set_mesh says).
+            with jax.sharding.use_abstract_mesh(self.cmesh.abstract_mesh):
+                if manual:
+                    local_specs = jax.tree.map(
+                        lambda s: _restrict(s, manual), self.in_specs, is_leaf=_is_spec
+                    )
+                    out = jax.shard_map(
+                        body,
+                        mesh=self.cmesh,
+                        in_specs=local_specs,
+                        out_specs=P(),
+                        axis_names=set(manual),
+                        check_vma=False,  # pmap semantics: per-replica gradients, user reduces
+                    )(*global_args)
+                else:
+                    out = body(*global_args)
+                self.out_specs = _out_specs(out, global_args, in_trees, self.in_specs, self.batch)
+                return _constrain(out, self.out_specs, self.cmesh, plan)
 
         self.jitted = jax.jit(outer, in_shardings=self.in_shardings, donate_argnums=donate)
         self.multiprocess = jax.process_count() > 1

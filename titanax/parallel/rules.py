@@ -23,7 +23,14 @@ from titanax._util import (
 )
 from titanax.errors import RuleError
 
-__all__ = ["Rules", "spec_problem", "spec_axes", "bytes_per_device"]
+__all__ = [
+    "Rules",
+    "megatron_mlp",
+    "megatron_attention",
+    "spec_problem",
+    "spec_axes",
+    "bytes_per_device",
+]
 
 
 def spec_axes(spec: PartitionSpec) -> list[str]:
@@ -45,7 +52,10 @@ def _entry_axes(entry: Any) -> tuple[str, ...]:
 def spec_problem(shape: tuple[int, ...], spec: PartitionSpec, mesh: Mesh | None) -> str | None:
     """Why ``spec`` cannot lay out an array of ``shape`` on ``mesh``, or ``None`` if it can."""
     if len(spec) > len(shape):
-        return f"spec {spec} has {len(spec)} entries but the leaf has {len(shape)} dimensions"
+        return (
+            f"spec {spec} has {count(len(spec), 'entry', 'entries')} but the leaf has "
+            f"{count(len(shape), 'dimension')}"
+        )
     names = spec_axes(spec)
     twice = sorted({a for a in names if names.count(a) > 1})
     if twice:
@@ -143,6 +153,12 @@ class Rules:
 
     def __repr__(self) -> str:
         return "Rules(" + ", ".join(f"({p!r}, {s})" for p, s in self) + ")"
+
+    def __add__(self, other: Rules) -> Rules:
+        """The rules of ``self``, then those of ``other`` (first match still wins)."""
+        if not isinstance(other, Rules):
+            return NotImplemented
+        return Rules(*self, *other)
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, Rules) and tuple(self) == tuple(other)
@@ -254,3 +270,86 @@ def layout_table(
             (path, str(shape), repr(spec), format_bytes(bytes_per_device(shape, dtype, spec, mesh)))
         )
     return Report(table(("path", "shape", "spec", "bytes/device"), rows))
+
+
+def megatron_mlp(
+    up: str = r"mlp/(up|fc1|c_fc|wi)",
+    down: str = r"mlp/(down|fc2|c_proj|wo)",
+    *,
+    axis: str = "model",
+) -> Rules:
+    """Rules for a Megatron MLP: ``up`` column-parallel, ``down`` row-parallel.
+
+    Kernels are stored ``(d_in, d_out)`` (as in Flax's ``Dense``). ``up``'s
+    kernel and bias are split on the hidden dimension, ``down``'s kernel on
+    its input (the same hidden dimension) and its bias replicated, so the
+    hidden activation stays sharded between the two matmuls.
+
+    Communication per block: one all-reduce of the ``(batch, ..., d_model)``
+    activation over ``axis`` in the forward pass (after ``down``), one of its
+    gradient in the backward pass (before ``up``); no weight is ever gathered.
+
+    Args:
+      up: pattern of the up-projection's path, without ``/kernel`` or ``/bias``.
+      down: pattern of the down-projection's path.
+      axis: the tensor-parallel mesh axis.
+
+    Examples:
+      >>> import titanax as tx
+      >>> rules = tx.rules.megatron_mlp()
+      >>> rules.spec_for("h/0/mlp/up/kernel"), rules.spec_for("h/0/mlp/down/kernel")
+      (P(None, 'model'), P('model', None))
+      >>> rules.spec_for("h/0/mlp/down/bias")
+      P()
+    """
+    return Rules(
+        (rf"{up}/kernel$", PartitionSpec(None, axis)),
+        (rf"{up}/bias$", PartitionSpec(axis)),
+        (rf"{down}/kernel$", PartitionSpec(axis, None)),
+        (rf"{down}/bias$", PartitionSpec()),
+    )
+
+
+def megatron_attention(
+    qkv: str = r"attn/(q|k|v|query|key|value)",
+    out: str = r"attn/(o|out|proj|c_proj)",
+    *,
+    fused: str = r"attn/(qkv|c_attn)",
+    axis: str = "model",
+) -> Rules:
+    """Rules for Megatron attention: heads split over ``axis``.
+
+    Separate ``q``, ``k``, ``v`` projections with ``(d_model, heads * head_dim)``
+    kernels are column-parallel (``P(None, axis)``): contiguous columns are
+    whole heads, so each device computes attention for ``heads / n`` heads
+    with no communication. A fused projection must be stored
+    ``(d_model, 3, heads * head_dim)`` so that the split falls on heads, not
+    across q, k and v: its kernel is ``P(None, None, axis)``, its bias
+    ``P(None, axis)``. The output projection is row-parallel.
+
+    Communication per block: one all-reduce of the ``(batch, seq, d_model)``
+    activation in the forward pass (after the output projection), one of its
+    gradient in the backward pass. ``heads`` must divide by the axis size.
+
+    Args:
+      qkv: pattern of the separate q, k, v projections' paths.
+      out: pattern of the output projection's path.
+      fused: pattern of a fused qkv projection's path.
+      axis: the tensor-parallel mesh axis.
+
+    Examples:
+      >>> import titanax as tx
+      >>> rules = tx.rules.megatron_attention()
+      >>> rules.spec_for("h/0/attn/q/kernel"), rules.spec_for("h/0/attn/proj/kernel")
+      (P(None, 'model'), P('model', None))
+      >>> rules.spec_for("h/0/attn/qkv/kernel")
+      P(None, None, 'model')
+    """
+    return Rules(
+        (rf"{fused}/kernel$", PartitionSpec(None, None, axis)),
+        (rf"{fused}/bias$", PartitionSpec(None, axis)),
+        (rf"{qkv}/kernel$", PartitionSpec(None, axis)),
+        (rf"{qkv}/bias$", PartitionSpec(axis)),
+        (rf"{out}/kernel$", PartitionSpec(axis, None)),
+        (rf"{out}/bias$", PartitionSpec()),
+    )

@@ -1,0 +1,130 @@
+"""A small GPT in pure JAX: parameters are a plain pytree, the model a pure function.
+
+Kernels are stored ``(d_in, d_out)``; q, k and v are separate projections whose
+columns are whole heads, so the Megatron rules of ``tx.rules`` apply unchanged.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Params = dict[str, Any]
+
+
+@dataclasses.dataclass(frozen=True)
+class GPTConfig:
+    vocab: int = 256  # bytes
+    seq_len: int = 128
+    d_model: int = 256
+    heads: int = 4
+    layers: int = 4
+    mlp_ratio: int = 4
+
+
+def _dense(key: Any, n_in: int, n_out: int, scale: float = 0.02) -> Params:
+    return {
+        "kernel": jax.random.normal(key, (n_in, n_out), jnp.float32) * scale,
+        "bias": jnp.zeros((n_out,), jnp.float32),
+    }
+
+
+def _norm(d: int) -> Params:
+    return {"scale": jnp.ones((d,), jnp.float32), "bias": jnp.zeros((d,), jnp.float32)}
+
+
+def init_block(key: Any, cfg: GPTConfig) -> Params:
+    d, hidden = cfg.d_model, cfg.mlp_ratio * cfg.d_model
+    k = jax.random.split(key, 6)
+    resid = 0.02 / np.sqrt(2 * cfg.layers)  # GPT-2's scaled init of residual projections
+    return {
+        "ln1": _norm(d),
+        "attn": {
+            "q": _dense(k[0], d, d),
+            "k": _dense(k[1], d, d),
+            "v": _dense(k[2], d, d),
+            "proj": _dense(k[3], d, d, resid),
+        },
+        "ln2": _norm(d),
+        "mlp": {"up": _dense(k[4], d, hidden), "down": _dense(k[5], hidden, d, resid)},
+    }
+
+
+def init(key: Any, cfg: GPTConfig) -> Params:
+    k_wte, k_wpe, *k_blocks = jax.random.split(key, 2 + cfg.layers)
+    return {
+        "wte": jax.random.normal(k_wte, (cfg.vocab, cfg.d_model), jnp.float32) * 0.02,
+        "wpe": jax.random.normal(k_wpe, (cfg.seq_len, cfg.d_model), jnp.float32) * 0.01,
+        "h": [init_block(k, cfg) for k in k_blocks],
+        "ln_f": _norm(cfg.d_model),
+    }
+
+
+def layer_norm(p: Params, x: jax.Array) -> jax.Array:
+    mean = x.mean(-1, keepdims=True)
+    var = ((x - mean) ** 2).mean(-1, keepdims=True)
+    return (x - mean) * jax.lax.rsqrt(var + 1e-5) * p["scale"] + p["bias"]
+
+
+def dense(p: Params, x: jax.Array) -> jax.Array:
+    return x @ p["kernel"] + p["bias"]
+
+
+def attention(p: Params, x: jax.Array, heads: int) -> jax.Array:
+    b, t, d = x.shape
+    split = lambda y: y.reshape(b, t, heads, d // heads)  # noqa: E731
+    q, k, v = split(dense(p["q"], x)), split(dense(p["k"], x)), split(dense(p["v"], x))
+    scores = jnp.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(d // heads)
+    causal = jnp.tril(jnp.ones((t, t), bool))
+    scores = jnp.where(causal, scores, jnp.finfo(scores.dtype).min)
+    out = jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(scores, axis=-1), v)
+    return dense(p["proj"], out.reshape(b, t, d))
+
+
+def block(p: Params, x: jax.Array, heads: int) -> jax.Array:
+    """One pre-norm transformer block; keeps the activation's shape (a pipeline stage)."""
+    x = x + attention(p["attn"], layer_norm(p["ln1"], x), heads)
+    h = jax.nn.gelu(dense(p["mlp"]["up"], layer_norm(p["ln2"], x)))
+    return x + dense(p["mlp"]["down"], h)
+
+
+def embed(params: Params, tokens: jax.Array) -> jax.Array:
+    return params["wte"][tokens] + params["wpe"][: tokens.shape[1]]
+
+
+def head_loss(params: Params, x: jax.Array, targets: jax.Array) -> jax.Array:
+    """Final norm, tied output embedding and mean next-byte cross-entropy."""
+    logits = layer_norm(params["ln_f"], x) @ params["wte"].T
+    logp = jax.nn.log_softmax(logits, axis=-1)
+    return -jnp.take_along_axis(logp, targets[..., None], axis=-1).mean()
+
+
+def loss_fn(params: Params, tokens: jax.Array, cfg: GPTConfig) -> jax.Array:
+    """Next-byte loss of ``tokens`` (``(batch, seq_len + 1)`` bytes)."""
+    x = embed(params, tokens[:, :-1])
+    for p in params["h"]:
+        x = block(p, x, cfg.heads)
+    return head_loss(params, x, tokens[:, 1:])
+
+
+def corpus() -> np.ndarray:
+    """The prose of Python's own documentation topics (``pydoc_data``), as bytes."""
+    from pydoc_data.topics import topics
+
+    text = "\n\n".join(topics[k] for k in sorted(topics))
+    return np.frombuffer(text.encode("utf-8"), dtype=np.uint8)
+
+
+def split(data: np.ndarray, valid_fraction: float = 0.1) -> tuple[np.ndarray, np.ndarray]:
+    cut = int(len(data) * (1 - valid_fraction))
+    return data[:cut], data[cut:]
+
+
+def windows(data: np.ndarray, batch: int, length: int, rng: np.random.Generator) -> np.ndarray:
+    """``batch`` random windows of ``length`` bytes, as int32."""
+    starts = rng.integers(0, len(data) - length, size=batch)
+    return np.stack([data[s : s + length] for s in starts]).astype(np.int32)

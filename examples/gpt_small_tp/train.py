@@ -1,0 +1,159 @@
+"""A small GPT trained with data x tensor parallelism (``tx.data_parallel`` over
+``tx.tensor_parallel``) on the prose of Python's own documentation (no download).
+
+    python examples/gpt_small_tp/train.py --mesh data=2,model=4 --steps 200
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from typing import Any
+
+import numpy as np
+
+if __package__ in (None, ""):  # run as a script: make `examples` importable
+    sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[2]))
+
+from examples.gpt_small_tp import model as gpt
+
+
+def gpt_rules(axis: str = "model") -> Any:
+    """Megatron layouts: attention heads and MLP hidden units split over ``axis``."""
+    from jax.sharding import PartitionSpec as P
+
+    import titanax as tx
+
+    return (
+        tx.rules.megatron_attention(axis=axis)
+        + tx.rules.megatron_mlp(axis=axis)
+        + tx.Rules((r".*", P()))  # embeddings, norms: replicated
+    )
+
+
+def make_steps(cfg: gpt.GPTConfig, mesh: Any) -> tuple[Any, Any]:
+    """The DP x TP training and evaluation steps on ``mesh`` (axes ``data``, ``model``)."""
+    import jax
+
+    import titanax as tx
+
+    def train_step(state: Any, tokens: Any) -> tuple[Any, dict[str, Any]]:
+        loss, grads = jax.value_and_grad(gpt.loss_fn)(state.params, tokens, cfg)
+        grads = tx.pmean(grads, "data")  # the DP reduction; TP needs none (global view)
+        return state.apply_gradients(grads), {"loss": tx.pmean(loss, "data")}
+
+    def eval_step(params: Any, tokens: Any) -> Any:
+        return tx.pmean(gpt.loss_fn(params, tokens, cfg), "data")
+
+    rules = gpt_rules()
+    train = tx.data_parallel(tx.tensor_parallel(rules)(train_step), mesh=mesh)
+    evaluate = tx.data_parallel(tx.tensor_parallel(rules)(eval_step), mesh=mesh, donate=False)
+    return train, evaluate
+
+
+def validation_batches(
+    valid: np.ndarray, cfg: gpt.GPTConfig, n: int, batch: int
+) -> list[np.ndarray]:
+    rng = np.random.default_rng(1234)  # the same windows for every run
+    return [gpt.windows(valid, batch, cfg.seq_len + 1, rng) for _ in range(n)]
+
+
+def train(
+    cfg: gpt.GPTConfig,
+    mesh: Any,
+    *,
+    steps: int,
+    batch_size: int = 16,
+    lr: float = 1e-3,
+    seed: int = 0,
+    eval_batches: int = 4,
+    progress: bool = False,
+) -> tuple[Any, list[float], float]:
+    """Trains for ``steps`` and returns the state, the training losses and the validation loss."""
+    import jax
+    import optax
+
+    import titanax as tx
+
+    train_data, valid_data = gpt.split(gpt.corpus())
+    schedule = optax.warmup_cosine_decay_schedule(0.0, lr, min(100, steps // 5 + 1), steps)
+    optimizer = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(schedule, weight_decay=0.1))
+    state = tx.TrainState.create(gpt.init(jax.random.key(seed), cfg), optimizer)
+    step, evaluate = make_steps(cfg, mesh)
+    rng = np.random.default_rng(seed)
+    loop: Any = range(steps)
+    if progress:
+        from tqdm import tqdm
+
+        loop = tqdm(loop, desc="train", unit="step", file=sys.stdout)
+    losses = []
+    for i in loop:
+        state, metrics = step(state, gpt.windows(train_data, batch_size, cfg.seq_len + 1, rng))
+        losses.append(metrics["loss"])
+        if progress and i % 10 == 0:
+            loop.set_postfix(loss=f"{float(metrics['loss']):.3f}")
+    valid = validation_batches(valid_data, cfg, eval_batches, batch_size)
+    val_loss = float(np.mean([float(evaluate(state.params, b)) for b in valid]))
+    return state, [float(v) for v in losses], val_loss
+
+
+def parse_mesh(text: str) -> dict[str, int]:
+    """``"data=2,model=4"`` -> ``{"data": 2, "model": 4}``."""
+    axes = dict(part.split("=") for part in text.split(",") if part)
+    return {
+        "data": int(axes.pop("data", 1)),
+        "model": int(axes.pop("model", 1)),
+        **{k: int(v) for k, v in axes.items()},
+    }
+
+
+def main(argv: list[str] | None = None) -> float:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--mesh", default="data=2,model=4", help="axis sizes, e.g. data=2,model=4")
+    parser.add_argument("--devices", type=int, default=8, help="simulated CPU devices")
+    parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--batch-size", type=int, default=16, help="global batch (sequences)")
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--d-model", type=int, default=256)
+    parser.add_argument("--heads", type=int, default=4)
+    parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+
+    import jax
+
+    try:  # simulated CPU devices; must come before JAX starts
+        jax.config.update("jax_num_cpu_devices", args.devices)
+    except RuntimeError:
+        pass
+    import titanax as tx
+
+    axes = parse_mesh(args.mesh)
+    n = math.prod(axes.values())
+    if len(jax.devices()) < n:
+        parser.error(f"--mesh {args.mesh} needs {n} devices; {len(jax.devices())} available")
+    mesh = tx.mesh(devices=jax.devices()[:n], **axes)
+    cfg = gpt.GPTConfig(
+        seq_len=args.seq_len, d_model=args.d_model, heads=args.heads, layers=args.layers
+    )
+    print(f"GPT {cfg}; mesh {dict(mesh.shape)}")
+    _, losses, val_loss = train(
+        cfg,
+        mesh,
+        steps=args.steps,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        seed=args.seed,
+        progress=True,
+    )
+    print(
+        f"final train loss {losses[-1]:.4f}; validation loss {val_loss:.4f}, "
+        f"perplexity {math.exp(val_loss):.2f} (bytes)"
+    )
+    return val_loss
+
+
+if __name__ == "__main__":
+    main()
