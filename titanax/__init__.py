@@ -25,6 +25,7 @@ from titanax.errors import (  # noqa: E402
 )
 from titanax.mesh import mesh  # noqa: E402
 from titanax.parallel import rules  # noqa: E402  (tx.rules.megatron_mlp, ...)
+from titanax.parallel import schedules  # tx.schedules.get
 from titanax.parallel.collectives import (
     all_gather,
     all_to_all,
@@ -39,12 +40,16 @@ from titanax.parallel.collectives import (
 from titanax.parallel.data_parallel import data_parallel
 from titanax.parallel.plan import ParallelFunction, Plan
 from titanax.parallel.rules import Rules
+from titanax.parallel.schedules import Action, Schedule
 from titanax.parallel.tensor_parallel import constrain, tensor_parallel
 from titanax.state import TrainState
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "Action",
+    "Schedule",
+    "schedules",
     "CheckpointError",
     "CollectiveError",
     "DistributedError",

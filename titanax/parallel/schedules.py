@@ -1,0 +1,452 @@
+"""Pipeline schedules as data: per device, the ordered actions ``F``, ``B``, ``W``.
+
+A :class:`Schedule` is built in pure Python before anything is traced, so it can be
+checked, measured and drawn without a model: :meth:`Schedule.validate`,
+:attr:`Schedule.bubble_fraction`, :attr:`Schedule.peak_in_flight`,
+:meth:`Schedule.render`. The pipeline executor replays it in one SPMD program.
+
+Model stage ``s`` lives on device ``s % stages``: with ``virtual_stages = v``, device
+``d`` holds stages ``d, d + p, ..., d + (v - 1) p`` (Megatron's interleaving).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Sequence
+from typing import Literal, NamedTuple
+
+from titanax.errors import ScheduleError
+
+__all__ = ["Action", "Schedule", "get", "NAMES"]
+
+Kind = Literal["F", "B", "W"]
+NAMES = ("gpipe", "1f1b", "interleaved_1f1b", "zero_bubble")
+COST = {"F": 1, "B": 2, "W": 1}  # time units; B is 1 when W is split from it
+
+
+class Action(NamedTuple):
+    """One unit of pipeline work.
+
+    Attributes:
+      kind: ``"F"`` forward, ``"B"`` backward (input gradient, and the weight
+        gradient unless split), ``"W"`` weight gradient (split schedules only).
+      microbatch: the microbatch, ``0 .. microbatches - 1``.
+      stage: the model stage, ``0 .. stages * virtual_stages - 1``.
+    """
+
+    kind: Kind
+    microbatch: int
+    stage: int
+
+    def __str__(self) -> str:
+        return f"{self.kind}{self.microbatch}"
+
+
+@dataclasses.dataclass(frozen=True)
+class Schedule:
+    """A pipeline schedule: for each device, the ordered actions it performs.
+
+    Attributes:
+      name: a label (``"1f1b"``, or anything for a hand-made schedule).
+      stages: devices along the pipeline axis (``p``).
+      microbatches: microbatches per step (``m``).
+      virtual_stages: model stages per device (``v``).
+      actions: one tuple of :class:`Action` per device, in execution order.
+
+    Examples:
+      >>> import titanax as tx
+      >>> s = tx.schedules.get("1f1b", stages=2, microbatches=3)
+      >>> [str(a) for a in s.actions[0]]
+      ['F0', 'F1', 'B0', 'F2', 'B1', 'B2']
+      >>> s.bubble_fraction  # (p - 1) / (m + p - 1)
+      0.25
+      >>> s.peak_in_flight
+      (2, 1)
+      >>> print(s.render())
+      device 0 | F0 F1 .  .  B0 B0 F2 B1 B1 .  B2 B2
+      device 1 | .  F0 B0 B0 F1 B1 B1 F2 B2 B2 .  .
+    """
+
+    name: str
+    stages: int
+    microbatches: int
+    virtual_stages: int
+    actions: tuple[tuple[Action, ...], ...]
+
+    @property
+    def num_stages(self) -> int:
+        """Model stages: ``stages * virtual_stages``."""
+        return self.stages * self.virtual_stages
+
+    @property
+    def split_backward(self) -> bool:
+        """Whether the backward is split into ``B`` (input gradient) and ``W`` (weight gradient)."""
+        return any(a.kind == "W" for acts in self.actions for a in acts)
+
+    def device_of(self, stage: int) -> int:
+        return stage % self.stages
+
+    def cost(self, kind: str) -> int:
+        return 1 if (kind == "B" and self.split_backward) else COST[kind]
+
+    def validate(self) -> Schedule:
+        """Checks the table and returns it.
+
+        Raises:
+          ScheduleError: an action on the wrong device or out of range, a
+            microbatch not run exactly once per stage, a backward before its
+            forward, or an order that deadlocks across devices.
+        """
+        p, m, s_total = self.stages, self.microbatches, self.num_stages
+        where = f"schedule {self.name!r} (stages={p}, microbatches={m}, virtual_stages={self.virtual_stages})"
+        if len(self.actions) != p:
+            raise ScheduleError(f"{where}: has {len(self.actions)} device rows; expected {p}.")
+        kinds = ("F", "B", "W") if self.split_backward else ("F", "B")
+        seen: dict[Action, int] = {}
+        problems = []
+        for d, acts in enumerate(self.actions):
+            for a in acts:
+                if a.kind not in kinds or not (0 <= a.microbatch < m and 0 <= a.stage < s_total):
+                    problems.append(f"device {d}: {a!r} is out of range")
+                elif self.device_of(a.stage) != d:
+                    problems.append(
+                        f"device {d}: {a!r} belongs on device {self.device_of(a.stage)}"
+                    )
+                seen[a] = seen.get(a, 0) + 1
+        for kind in kinds:
+            for mb in range(m):
+                for s in range(s_total):
+                    n = seen.get(Action(kind, mb, s), 0)  # type: ignore[arg-type]
+                    if n != 1:
+                        problems.append(
+                            f"{kind}(microbatch={mb}, stage={s}) runs {n} times, not once"
+                        )
+        for d, acts in enumerate(self.actions):
+            position = {a: i for i, a in enumerate(acts)}
+            for a in acts:
+                need = {"B": "F", "W": "B"}.get(a.kind)
+                if need and position.get(Action(need, a.microbatch, a.stage), -1) > position[a]:  # type: ignore[arg-type]
+                    problems.append(f"device {d}: {a!r} comes before its {need}")
+        if problems:
+            shown = "\n".join(f"  * {x}" for x in problems[:20])
+            more = f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""
+            raise ScheduleError(f"{where} is invalid:\n{shown}{more}")
+        self._simulate(unit=False)  # raises on a deadlock
+        return self
+
+    def _deps(self, a: Action) -> list[Action]:
+        last = self.num_stages - 1
+        if a.kind == "F":
+            return [Action("F", a.microbatch, a.stage - 1)] if a.stage > 0 else []
+        if a.kind == "B":
+            deps = [Action("F", a.microbatch, a.stage)]
+            return deps + ([Action("B", a.microbatch, a.stage + 1)] if a.stage < last else [])
+        return [Action("B", a.microbatch, a.stage)]
+
+    def _simulate(self, unit: bool) -> list[list[tuple[int, int, Action]]]:
+        """Per device, ``(start, end, action)`` with costs (or one tick each when ``unit``).
+
+        A result is usable from the end of the tick that produced it: the
+        executor passes messages between ticks.
+        """
+        end: dict[Action, int] = {}
+        nxt = [0] * self.stages
+        free = [0] * self.stages
+        out: list[list[tuple[int, int, Action]]] = [[] for _ in range(self.stages)]
+        remaining = sum(len(a) for a in self.actions)
+        while remaining:
+            progressed = False
+            for d, acts in enumerate(self.actions):
+                while nxt[d] < len(acts):
+                    a = acts[nxt[d]]
+                    deps = self._deps(a)
+                    if any(x not in end for x in deps):
+                        break
+                    start = max([free[d], *(end[x] for x in deps)])
+                    stop = start + (1 if unit else self.cost(a.kind))
+                    end[a], free[d] = stop, stop
+                    out[d].append((start, stop, a))
+                    nxt[d] += 1
+                    remaining -= 1
+                    progressed = True
+            if not progressed:
+                stuck = ", ".join(
+                    f"device {d} waits at {acts[nxt[d]]!r}"
+                    for d, acts in enumerate(self.actions)
+                    if nxt[d] < len(acts)
+                )
+                raise ScheduleError(
+                    f"schedule {self.name!r} deadlocks: {stuck}. Each device must be able to "
+                    "run its next action once the actions it depends on have run."
+                )
+        return out
+
+    @functools.cached_property
+    def _timeline(self) -> list[list[tuple[int, int, Action]]]:
+        return self._simulate(unit=False)
+
+    @functools.cached_property
+    def ticks(self) -> tuple[tuple[Action | None, ...], ...]:
+        """The lockstep table the executor runs: per tick, per device, an action or ``None``."""
+        timeline = self._simulate(unit=True)
+        total = max((t[-1][1] for t in timeline if t), default=0)
+        table: list[list[Action | None]] = [[None] * self.stages for _ in range(total)]
+        for d, row in enumerate(timeline):
+            for start, _, a in row:
+                table[start][d] = a
+        return tuple(tuple(r) for r in table)
+
+    @property
+    def total_time(self) -> int:
+        """Length of the schedule in time units (F=1, B=2, or B=1 and W=1 when split)."""
+        return max((t[-1][1] for t in self._timeline if t), default=0)
+
+    @property
+    def bubble_fraction(self) -> float:
+        """Idle time over total time, summed over devices."""
+        total = self.total_time * self.stages
+        busy = sum(stop - start for row in self._timeline for start, stop, _ in row)
+        return (total - busy) / total if total else 0.0
+
+    @property
+    def tick_bubble_fraction(self) -> float:
+        """Idle slots over all slots of the executor's lockstep table (one action per tick)."""
+        slots = len(self.ticks) * self.stages
+        return sum(a is None for row in self.ticks for a in row) / slots if slots else 0.0
+
+    @property
+    def peak_in_flight(self) -> tuple[int, ...]:
+        """Per device, the most microbatch activations held at once (from F to the last B or W)."""
+        release = "W" if self.split_backward else "B"
+        peaks = []
+        for acts in self.actions:
+            held = peak = 0
+            for a in acts:
+                held += (a.kind == "F") - (a.kind == release)
+                peak = max(peak, held)
+            peaks.append(peak)
+        return tuple(peaks)
+
+    def render(self) -> str:
+        """The timeline as text: one row per device, one cell per time unit (``.`` is idle)."""
+        width = 2 + len(str(self.microbatches - 1)) + (2 if self.virtual_stages > 1 else 0)
+        rows = []
+        for d, row in enumerate(self._timeline):
+            cells = ["."] * self.total_time
+            for start, stop, a in row:
+                label = str(a) + (f"/{a.stage // self.stages}" if self.virtual_stages > 1 else "")
+                for t in range(start, stop):
+                    cells[t] = label
+            rows.append(f"device {d} | " + " ".join(c.ljust(width - 1) for c in cells).rstrip())
+        return "\n".join(rows)
+
+    def render_png(self, path: str) -> None:
+        """Draws the timeline to a PNG file (needs matplotlib)."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        colors = {"F": "#4c72b0", "B": "#dd8452", "W": "#55a868"}
+        fig, ax = plt.subplots(figsize=(max(6, self.total_time * 0.25), 0.5 * self.stages + 1))
+        for d, row in enumerate(self._timeline):
+            for start, stop, a in row:
+                ax.broken_barh([(start, stop - start)], (d - 0.4, 0.8), color=colors[a.kind])
+                ax.text(
+                    (start + stop) / 2,
+                    d,
+                    str(a.microbatch),
+                    ha="center",
+                    va="center",
+                    color="white",
+                    fontsize=7,
+                )
+        ax.set_yticks(range(self.stages), [f"device {d}" for d in range(self.stages)])
+        ax.invert_yaxis()
+        ax.set_xlabel("time (F=1, B=2; B=W=1 when split)")
+        ax.set_title(
+            f"{self.name}: p={self.stages}, m={self.microbatches}, "
+            f"v={self.virtual_stages}, bubble {self.bubble_fraction:.3f}"
+        )
+        fig.tight_layout()
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+
+
+def _gpipe(p: int, m: int) -> list[list[Action]]:
+    return [
+        [Action("F", i, d) for i in range(m)] + [Action("B", i, d) for i in range(m)]
+        for d in range(p)
+    ]
+
+
+def _one_f_one_b(p: int, m: int) -> list[list[Action]]:
+    rows = []
+    for d in range(p):
+        warm = min(p - 1 - d, m)
+        row = [Action("F", i, d) for i in range(warm)]
+        for i in range(m - warm):
+            row += [Action("F", warm + i, d), Action("B", i, d)]
+        row += [Action("B", i, d) for i in range(m - warm, m)]
+        rows.append(row)
+    return rows
+
+
+def _interleaved(p: int, m: int, v: int) -> list[list[Action]]:
+    """Megatron's interleaved 1F1B: microbatches in groups of ``p``, chunk by chunk."""
+
+    def fwd(k: int, d: int) -> Action:
+        chunk = (k // p) % v
+        return Action("F", (k // (p * v)) * p + k % p, chunk * p + d)
+
+    def bwd(k: int, d: int) -> Action:
+        chunk = v - 1 - (k // p) % v
+        return Action("B", (k // (p * v)) * p + k % p, chunk * p + d)
+
+    total = m * v
+    rows = []
+    for d in range(p):
+        warm = min((p - d - 1) * 2 + (v - 1) * p, total)
+        row = [fwd(k, d) for k in range(warm)]
+        for i in range(total - warm):
+            row += [fwd(warm + i, d), bwd(i, d)]
+        row += [bwd(k, d) for k in range(total - warm, total)]
+        rows.append(row)
+    return rows
+
+
+def _zero_bubble_h1(p: int, m: int) -> list[list[Action]]:
+    """ZB-H1 (Qi et al., 2023): 1F1B with the weight gradient W split from B and deferred
+    into the bubbles, holding no more activations than 1F1B (``p - d`` on device ``d``).
+
+    Built by simulating time (F = B = W = 1): a device runs a ready B first, then an F
+    while under its activation limit, then a pending W.
+    """
+    last = p - 1
+    done: dict[Action, int] = {}
+    rows: list[list[Action]] = [[] for _ in range(p)]
+    next_f, next_b = [0] * p, [0] * p
+    pending_w: list[list[int]] = [[] for _ in range(p)]
+    held = [0] * p
+    t = 0
+    while any(len(r) < 3 * m for r in rows):
+        chosen: list[Action | None] = []
+        for d in range(p):
+            a: Action | None = None
+            b = Action("B", next_b[d], d)
+            b_ready = (
+                next_b[d] < m
+                and done.get(Action("F", next_b[d], d), t + 1) <= t
+                and (d == last or done.get(Action("B", next_b[d], d + 1), t + 1) <= t)
+            )
+            f_ready = next_f[d] < m and (
+                d == 0 or done.get(Action("F", next_f[d], d - 1), t + 1) <= t
+            )
+            if b_ready:
+                a = b
+            elif f_ready and held[d] < p - d:
+                a = Action("F", next_f[d], d)
+            elif pending_w[d]:
+                a = Action("W", pending_w[d][0], d)
+            chosen.append(a)
+        for d, a in enumerate(chosen):
+            if a is None:
+                continue
+            rows[d].append(a)
+            done[a] = t + 1
+            if a.kind == "F":
+                next_f[d] += 1
+                held[d] += 1
+            elif a.kind == "B":
+                next_b[d] += 1
+                pending_w[d].append(a.microbatch)
+            else:
+                pending_w[d].pop(0)
+                held[d] -= 1
+        t += 1
+    return rows
+
+
+def get(name: str, *, stages: int, microbatches: int, virtual_stages: int = 1) -> Schedule:
+    """Builds and validates a named schedule.
+
+    Args:
+      name: one of ``"gpipe"``, ``"1f1b"``, ``"interleaved_1f1b"``, ``"zero_bubble"`` (ZB-H1).
+      stages: devices along the pipeline axis (``p``).
+      microbatches: microbatches per step (``m``).
+      virtual_stages: model stages per device (``v``); ``interleaved_1f1b`` needs ``v >= 2``.
+
+    Returns:
+      A validated :class:`Schedule`.
+
+    Raises:
+      ScheduleError: an unknown name (the allowed ones are listed), sizes that
+        are not positive integers, ``virtual_stages`` that the schedule does
+        not support, or fewer microbatches than it needs.
+
+    Examples:
+      >>> import titanax as tx
+      >>> gpipe = tx.schedules.get("gpipe", stages=4, microbatches=8)
+      >>> one = tx.schedules.get("1f1b", stages=4, microbatches=8)
+      >>> gpipe.bubble_fraction == one.bubble_fraction == 3 / 11
+      True
+      >>> gpipe.peak_in_flight[0], one.peak_in_flight[0]
+      (8, 4)
+      >>> tx.schedules.get("1F1B", stages=4, microbatches=8)
+      Traceback (most recent call last):
+      ...
+      titanax.errors.ScheduleError: schedule must be one of 'gpipe', '1f1b', 'interleaved_1f1b', 'zero_bubble'; got '1F1B'.
+    """
+    if name not in NAMES:
+        allowed = ", ".join(repr(n) for n in NAMES)
+        raise ScheduleError(f"schedule must be one of {allowed}; got {name!r}.")
+    for arg, value in (
+        ("stages", stages),
+        ("microbatches", microbatches),
+        ("virtual_stages", virtual_stages),
+    ):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ScheduleError(f"schedule {name!r}: {arg} must be a positive int, got {value!r}.")
+    p, m, v = stages, microbatches, virtual_stages
+    if name == "interleaved_1f1b":
+        if v < 2:
+            raise ScheduleError(
+                f"schedule 'interleaved_1f1b' needs virtual_stages >= 2, got {v}; with one "
+                "stage per device use '1f1b'."
+            )
+        if m < p or m % p:
+            fix = max(p, -(-m // p) * p)
+            raise ScheduleError(
+                f"schedule 'interleaved_1f1b' runs microbatches in groups of stages={p}: "
+                f"microbatches must be a multiple of {p} (and at least {p}); got {m}. "
+                f"Use microbatches={fix}."
+            )
+        rows = _interleaved(p, m, v)
+    else:
+        if v != 1:
+            raise ScheduleError(
+                f"schedule {name!r} holds one stage per device (virtual_stages=1), got "
+                f"virtual_stages={v}; use 'interleaved_1f1b' for {v} stages per device."
+            )
+        build = {"gpipe": _gpipe, "1f1b": _one_f_one_b, "zero_bubble": _zero_bubble_h1}[name]
+        rows = build(p, m)
+    return Schedule(name, p, m, v, tuple(tuple(r) for r in rows)).validate()
+
+
+def from_actions(
+    actions: Sequence[Sequence[Action]],
+    *,
+    stages: int,
+    microbatches: int,
+    virtual_stages: int = 1,
+    name: str = "custom",
+) -> Schedule:
+    """A validated user-made schedule from per-device action lists."""
+    return Schedule(
+        name,
+        stages,
+        microbatches,
+        virtual_stages,
+        tuple(tuple(Action(*a) for a in row) for row in actions),
+    ).validate()
