@@ -24,8 +24,10 @@ from titanax.errors import (  # noqa: E402
     TitanaxError,
 )
 from titanax.mesh import mesh  # noqa: E402
-from titanax.parallel import rules  # noqa: E402  (tx.rules.megatron_mlp, ...)
-from titanax.parallel import schedules  # tx.schedules.get
+from titanax.parallel import (
+    rules,  # noqa: E402  (tx.rules.megatron_mlp, ...)
+    schedules,  # tx.schedules.get
+)
 from titanax.parallel.collectives import (
     all_gather,
     all_to_all,
