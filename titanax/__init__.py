@@ -40,6 +40,7 @@ from titanax.parallel.collectives import (
     psum_scatter,
 )
 from titanax.parallel.data_parallel import data_parallel
+from titanax.parallel.pipeline import pipeline
 from titanax.parallel.plan import ParallelFunction, Plan
 from titanax.parallel.rules import Rules
 from titanax.parallel.schedules import Action, Schedule
@@ -72,6 +73,7 @@ __all__ = [
     "data_parallel",
     "mesh",
     "pmax",
+    "pipeline",
     "pmean",
     "ppermute",
     "psum",

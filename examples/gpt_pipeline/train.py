@@ -1,0 +1,205 @@
+"""The GPT of ``gpt_small_tp`` with its blocks split into pipeline stages: the embedding
+runs before the pipeline, the head and loss after its last stage, and ``tx.pipeline``
+runs the blocks with a real schedule (``--schedule``, default 1F1B) inside a
+``tx.data_parallel`` step, on a ``data=2 x stage=4`` mesh.
+
+    python examples/gpt_pipeline/train.py --schedule 1f1b --steps 150
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from typing import Any
+
+import numpy as np
+
+if __package__ in (None, ""):  # run as a script: make `examples` importable
+    sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[2]))
+
+from examples.gpt_small_tp import model as gpt
+from examples.gpt_small_tp.train import validation_batches
+
+
+def to_pipeline(params: gpt.Params) -> gpt.Params:
+    """``h`` (a list of blocks) becomes ``blocks``: each leaf stacked on a leading stage axis."""
+    import jax
+    import jax.numpy as jnp
+
+    out = {k: v for k, v in params.items() if k != "h"}
+    out["blocks"] = jax.tree.map(lambda *xs: jnp.stack(xs), *params["h"])
+    return out
+
+
+def from_pipeline(params: gpt.Params) -> gpt.Params:
+    import jax
+
+    n = jax.tree.leaves(params["blocks"])[0].shape[0]
+    out = {k: v for k, v in params.items() if k != "blocks"}
+    out["h"] = [jax.tree.map(lambda a, i=i: a[i], params["blocks"]) for i in range(n)]
+    return out
+
+
+def make_steps(
+    cfg: gpt.GPTConfig, mesh: Any, *, schedule: str, microbatches: int, virtual_stages: int = 1
+) -> tuple[Any, Any]:
+    """The DP x PP training step and the evaluation step (which needs no pipeline)."""
+    import jax
+    from jax.sharding import PartitionSpec as P
+
+    import titanax as tx
+
+    pipe = tx.pipeline(
+        lambda block, x: gpt.block(block, x, cfg.heads),
+        schedule=schedule,
+        microbatches=microbatches,
+        virtual_stages=virtual_stages,
+        loss=gpt.head_loss,  # head_loss({"ln_f", "wte"}, y, targets)
+    )
+
+    def train_step(state: Any, tokens: Any) -> tuple[Any, dict[str, Any]]:
+        p = state.params
+        x, embed_vjp = jax.vjp(
+            lambda e: gpt.embed(e, tokens[:, :-1]), {"wte": p["wte"], "wpe": p["wpe"]}
+        )
+        head = {"ln_f": p["ln_f"], "wte": p["wte"]}
+        loss, (g_blocks, g_x, g_head) = pipe(p["blocks"], x, tokens[:, 1:], head)
+        (g_embed,) = embed_vjp(g_x)  # the pipeline's input gradient flows on into the embedding
+        grads = {
+            "blocks": g_blocks,
+            "ln_f": g_head["ln_f"],
+            "wpe": g_embed["wpe"],
+            "wte": g_embed["wte"] + g_head["wte"],  # tied: used by the embedding and the head
+        }
+        grads = tx.pmean(grads, "data")
+        return state.apply_gradients(grads), {"loss": tx.pmean(loss, "data")}
+
+    def eval_step(params: Any, tokens: Any) -> Any:
+        return tx.pmean(gpt.loss_fn(from_pipeline(params), tokens, cfg), "data")
+
+    # Each stage's blocks (and their optimizer moments) live on their stage's devices.
+    stage_layout = tx.Rules((r"blocks/", P("stage")), (r".*", P()))
+    train = tx.data_parallel(tx.tensor_parallel(stage_layout, axis="stage")(train_step), mesh=mesh)
+    evaluate = tx.data_parallel(eval_step, mesh=mesh, donate=False)
+    return train, evaluate
+
+
+def train(
+    cfg: gpt.GPTConfig,
+    mesh: Any,
+    *,
+    steps: int,
+    schedule: str = "1f1b",
+    microbatches: int = 4,
+    virtual_stages: int = 1,
+    batch_size: int = 16,
+    lr: float = 1e-3,
+    seed: int = 0,
+    eval_batches: int = 4,
+    progress: bool = False,
+) -> tuple[Any, list[float], float]:
+    """Trains for ``steps``; returns the state, the training losses and the validation loss."""
+    import jax
+    import optax
+
+    import titanax as tx
+
+    train_data, valid_data = gpt.split(gpt.corpus())
+    schedule_fn = optax.warmup_cosine_decay_schedule(0.0, lr, min(100, steps // 5 + 1), steps)
+    optimizer = optax.chain(
+        optax.clip_by_global_norm(1.0), optax.adamw(schedule_fn, weight_decay=0.1)
+    )
+    params = to_pipeline(gpt.init(jax.random.key(seed), cfg))
+    state = tx.TrainState.create(params, optimizer)
+    step, evaluate = make_steps(
+        cfg, mesh, schedule=schedule, microbatches=microbatches, virtual_stages=virtual_stages
+    )
+    rng = np.random.default_rng(seed)
+    loop: Any = range(steps)
+    if progress:
+        from tqdm import tqdm
+
+        loop = tqdm(loop, desc=f"train ({schedule})", unit="step", file=sys.stdout)
+    losses = []
+    for i in loop:
+        state, metrics = step(state, gpt.windows(train_data, batch_size, cfg.seq_len + 1, rng))
+        losses.append(metrics["loss"])
+        if progress and i % 10 == 0:
+            loop.set_postfix(loss=f"{float(metrics['loss']):.3f}")
+    valid = validation_batches(valid_data, cfg, eval_batches, batch_size)
+    val_loss = float(np.mean([float(evaluate(state.params, b)) for b in valid]))
+    return state, [float(v) for v in losses], val_loss
+
+
+def main(argv: list[str] | None = None) -> float:
+    import titanax.parallel.schedules as schedules
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--schedule", default="1f1b", choices=schedules.NAMES)
+    parser.add_argument("--data", type=int, default=2, help="data-parallel replicas")
+    parser.add_argument("--stages", type=int, default=4, help="devices along the stage axis")
+    parser.add_argument(
+        "--virtual-stages",
+        type=int,
+        default=1,
+        help="stages per device (interleaved_1f1b: 2 or more)",
+    )
+    parser.add_argument("--microbatches", type=int, default=4, help="per replica and step")
+    parser.add_argument("--devices", type=int, default=8, help="simulated CPU devices")
+    parser.add_argument("--steps", type=int, default=150)
+    parser.add_argument("--batch-size", type=int, default=16, help="global batch (sequences)")
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--d-model", type=int, default=256)
+    parser.add_argument("--heads", type=int, default=4)
+    parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    if args.schedule == "interleaved_1f1b" and args.virtual_stages < 2:
+        args.virtual_stages = 2
+
+    import jax
+
+    try:  # simulated CPU devices; must come before JAX starts
+        jax.config.update("jax_num_cpu_devices", args.devices)
+    except RuntimeError:
+        pass
+    import titanax as tx
+
+    n = args.data * args.stages
+    if len(jax.devices()) < n:
+        parser.error(f"data={args.data} x stages={args.stages} needs {n} devices")
+    mesh = tx.mesh(devices=jax.devices()[:n], data=args.data, stage=args.stages)
+    layers = args.stages * args.virtual_stages  # one block per stage
+    cfg = gpt.GPTConfig(seq_len=args.seq_len, d_model=args.d_model, heads=args.heads, layers=layers)
+    s = schedules.get(
+        args.schedule,
+        stages=args.stages,
+        microbatches=args.microbatches,
+        virtual_stages=args.virtual_stages,
+    )
+    print(
+        f"GPT {cfg}; mesh {dict(mesh.shape)}; {args.schedule}: bubble "
+        f"{s.bubble_fraction:.3f}, activations held per device {s.peak_in_flight}"
+    )
+    _, losses, val_loss = train(
+        cfg,
+        mesh,
+        steps=args.steps,
+        schedule=args.schedule,
+        microbatches=args.microbatches,
+        virtual_stages=args.virtual_stages,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        seed=args.seed,
+        progress=True,
+    )
+    print(
+        f"final train loss {losses[-1]:.4f}; validation loss {val_loss:.4f}, "
+        f"perplexity {math.exp(val_loss):.2f} (bytes)"
+    )
+    return val_loss
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,231 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
+
+import titanax as tx
+from titanax.parallel import hlo
+from titanax.parallel.pipeline import compile_tables
+
+D = 6
+
+
+def stage(p, x):
+    return x + jnp.tanh(jax.nn.relu(x @ p["w"] + p["b"]) @ p["w2"])
+
+
+def loss(lp, y, t):
+    return jnp.mean((y @ lp["head"] - t) ** 2)
+
+
+def sequential(sp, x, t, lp, microbatches):
+    """The reference: the stages in order on each microbatch, losses averaged."""
+    n = jax.tree.leaves(sp)[0].shape[0]
+
+    def one(xm, tm):
+        for s in range(n):
+            xm = stage(jax.tree.map(lambda a, s=s: a[s], sp), xm)
+        return loss(lp, xm, tm)
+
+    xs = x.reshape(microbatches, -1, *x.shape[1:])
+    ts = t.reshape(microbatches, -1, *t.shape[1:])
+    return jnp.mean(jax.vmap(one)(xs, ts))
+
+
+def problem(stages, microbatches, seed=0, rows=2):
+    rng = np.random.default_rng(seed)
+    f = lambda *s: jnp.asarray(rng.normal(size=s) * 0.4, jnp.float32)  # noqa: E731
+    sp = {"w": f(stages, D, 2 * D), "b": f(stages, 2 * D), "w2": f(stages, 2 * D, D)}
+    lp = {"head": f(D, 3)}
+    x, t = f(microbatches * rows, D), f(microbatches * rows, 3)
+    return sp, x, t, lp
+
+
+def assert_matches(out, ref, rtol=1e-5):
+    for a, b in zip(jax.tree.leaves(out), jax.tree.leaves(ref)):
+        scale = float(jnp.max(jnp.abs(b))) or 1.0
+        assert float(jnp.max(jnp.abs(a - b))) <= rtol * scale
+
+
+CASES = [
+    ("gpipe", 2, 1, [1, 3]),
+    ("gpipe", 4, 1, [4, 6]),
+    ("1f1b", 2, 1, [1, 5]),
+    ("1f1b", 4, 1, [3, 8]),
+    ("interleaved_1f1b", 2, 2, [2, 4]),
+    ("interleaved_1f1b", 4, 2, [4, 8]),
+    ("zero_bubble", 2, 1, [2, 5]),
+    ("zero_bubble", 4, 1, [4, 7]),
+]
+
+
+@pytest.mark.parametrize("remat", [False, True], ids=["residuals", "remat"])
+@pytest.mark.parametrize("name, p, v, ms", CASES, ids=[f"{c[0]}-p{c[1]}" for c in CASES])
+def test_loss_and_all_gradients_equal_value_and_grad(name, p, v, ms, remat):
+    mesh = tx.mesh(devices=jax.devices()[:p], stage=p)
+    for m in ms:
+        sp, x, t, lp = problem(p * v, m)
+        pipe = tx.pipeline(
+            stage,
+            schedule=name,
+            microbatches=m,
+            loss=loss,
+            mesh=mesh,
+            virtual_stages=v,
+            remat=remat,
+        )
+        got = pipe(sp, x, t, lp)
+        want_loss, want = jax.value_and_grad(sequential, argnums=(0, 1, 3))(sp, x, t, lp, m)
+        assert_matches(got, (want_loss, want))
+
+
+def test_loss_params_are_optional():
+    mesh = tx.mesh(devices=jax.devices()[:2], stage=2)
+    sp, x, t, _ = problem(2, 4)
+    pipe = tx.pipeline(
+        stage, microbatches=4, mesh=mesh, loss=lambda _, y, t: jnp.mean((y[:, :3] - t) ** 2)
+    )
+    value, (g_sp, g_x, g_lp) = pipe(sp, x, t)
+    assert g_lp is None and g_x.shape == x.shape and np.isfinite(float(value))
+
+
+def test_buffers_hold_only_microbatches_in_flight():
+    for m in (4, 8, 16):
+        one = compile_tables(tx.schedules.get("1f1b", stages=4, microbatches=m))
+        gpipe = compile_tables(tx.schedules.get("gpipe", stages=4, microbatches=m))
+        assert one.slots["r"] <= 4  # 1F1B: at most p per device, whatever m
+        assert gpipe.slots["r"] == m  # GPipe: every microbatch
+
+
+def test_compile_does_not_grow_with_microbatches():
+    mesh = tx.mesh(devices=jax.devices()[:4], stage=4)
+    traces = {}
+    for m in (4, 32):
+        count = []
+
+        def counted(p, x, count=count):
+            count.append(1)
+            return stage(p, x)
+
+        sp, x, t, lp = problem(4, m)
+        tx.pipeline(counted, microbatches=m, loss=loss, mesh=mesh)(sp, x, t, lp)
+        traces[m] = len(count)
+    assert traces[4] == traces[32]  # the tick loop is traced once, not once per microbatch
+
+
+def test_errors():
+    mesh = tx.mesh(devices=jax.devices()[:4], stage=4)
+    sp, x, t, lp = problem(4, 8)
+    with pytest.raises(
+        tx.ScheduleError,
+        match="schedule must be one of 'gpipe', '1f1b', "
+        "'interleaved_1f1b', 'zero_bubble'; got 'pipedream'",
+    ):
+        tx.pipeline(stage, schedule="pipedream", microbatches=8, loss=loss)
+    with pytest.raises(
+        tx.ScheduleError,
+        match=r"stage_params leaves have \[3\] rows, but the "
+        r"pipeline runs 4 stages \(4 devices along 'stage' x virtual_stages=1\)",
+    ):
+        tx.pipeline(stage, microbatches=8, loss=loss, mesh=mesh)(problem(3, 8)[0], x, t, lp)
+    with pytest.raises(
+        tx.ScheduleError,
+        match=r"runs 8 stages \(4 devices along 'stage' x "
+        r"virtual_stages=2\)",
+    ):
+        tx.pipeline(
+            stage,
+            schedule="interleaved_1f1b",
+            microbatches=8,
+            loss=loss,
+            mesh=mesh,
+            virtual_stages=2,
+        )(sp, x, t, lp)
+    with pytest.raises(
+        tx.ScheduleError,
+        match=r"microbatches=5 must divide the batch, but x and "
+        r"targets have leading dimensions \[16\]",
+    ):
+        tx.pipeline(stage, microbatches=5, loss=loss, mesh=mesh)(sp, x, t, lp)
+    with pytest.raises(
+        tx.ScheduleError,
+        match=r"microbatches must be a multiple of 4 \(and at "
+        r"least 4\); got 2. Use microbatches=4",
+    ):
+        sp8, x2, t2, lp2 = problem(8, 2)
+        tx.pipeline(
+            stage,
+            schedule="interleaved_1f1b",
+            microbatches=2,
+            loss=loss,
+            mesh=mesh,
+            virtual_stages=2,
+        )(sp8, x2, t2, lp2)
+    with pytest.raises(
+        tx.ScheduleError,
+        match="the schedule is for stages=2, microbatches=8, but the 'stage' axis has 4 devices",
+    ):
+        s = tx.schedules.get("1f1b", stages=2, microbatches=8)
+        tx.pipeline(stage, schedule=s, microbatches=8, loss=loss, mesh=mesh)(sp, x, t, lp)
+    with pytest.raises(tx.ScheduleError, match="no mesh"):
+        tx.pipeline(stage, microbatches=8, loss=loss)(sp, x, t, lp)
+    with pytest.raises(tx.ScheduleError, match=r"the mesh has no axis 'pp' \(axes: stage\)"):
+        tx.pipeline(stage, microbatches=8, loss=loss, axis="pp", mesh=mesh)(sp, x, t, lp)
+    with pytest.raises(tx.ScheduleError, match="microbatches must be a positive int"):
+        tx.pipeline(stage, microbatches=0, loss=loss)
+
+
+def _reference_step(sp, lp, x, t, m):
+    value, (g_sp, g_lp) = jax.value_and_grad(sequential, argnums=(0, 3))(sp, x, t, lp, m)
+    return value, g_sp, g_lp
+
+
+def test_inside_data_parallel():
+    mesh = tx.mesh(data=2, stage=4)
+    sp, x, t, lp = problem(4, 8, rows=2)
+    pipe = tx.pipeline(stage, schedule="1f1b", microbatches=4, loss=loss)
+
+    @tx.data_parallel(mesh=mesh, batch_argnums=(2, 3), donate=False)
+    def step(sp, lp, x, t):
+        value, (g_sp, _, g_lp) = pipe(sp, x, t, lp)  # this replica's half of the batch
+        return tx.pmean(value, "data"), tx.pmean(g_sp, "data"), tx.pmean(g_lp, "data")
+
+    # each replica averages over its 4 microbatches; the replicas' mean is the mean over 8
+    assert_matches(step(sp, lp, x, t), _reference_step(sp, lp, x, t, 8))
+
+
+def test_with_tensor_parallel_stages_and_data_parallel():
+    mesh = tx.mesh(data=2, stage=2, model=2)
+    sp, x, t, lp = problem(2, 8)
+    pipe = tx.pipeline(stage, schedule="zero_bubble", microbatches=4, loss=loss)
+    model_rules = tx.Rules(
+        (r"w$", P(None, None, "model")),
+        (r"b$", P(None, "model")),
+        (r"w2$", P(None, "model", None)),
+        (r".*", P()),
+    )
+    stage_rules = tx.Rules((r"^(w|b|w2)$", P("stage")), (r".*", P()))  # the stage params
+
+    @tx.data_parallel(mesh=mesh, batch_argnums=(2, 3), donate=False)
+    @tx.tensor_parallel(stage_rules, axis="stage")
+    @tx.tensor_parallel(model_rules, axis="model")
+    def step(sp, lp, x, t):
+        value, (g_sp, _, g_lp) = pipe(sp, x, t, lp)
+        return tx.pmean(value, "data"), tx.pmean(g_sp, "data"), tx.pmean(g_lp, "data")
+
+    in_specs, _ = step.specs(sp, lp, x, t)
+    assert in_specs[0]["w"] == P("stage", None, "model")
+    assert_matches(step(sp, lp, x, t), _reference_step(sp, lp, x, t, 8))
+    found = hlo.summary(hlo.collectives(step.lower(sp, lp, x, t).compile().as_text(), mesh))
+    assert found[("collective-permute", ("stage",))] == 2  # activations forward, gradients back
+    assert found[("all-gather", ("stage",))] == 0  # stage parameters stay where they live
+
+
+def test_pipeline_alone_on_stage_x_model():
+    mesh = tx.mesh(stage=4, model=2)
+    sp, x, t, lp = problem(4, 4)
+    pipe = tx.pipeline(stage, microbatches=4, loss=loss, mesh=mesh)
+    assert_matches(
+        pipe(sp, x, t, lp), jax.value_and_grad(sequential, argnums=(0, 1, 3))(sp, x, t, lp, 4)
+    )
