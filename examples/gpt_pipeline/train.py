@@ -18,6 +18,7 @@ import numpy as np
 if __package__ in (None, ""):  # run as a script: make `examples` importable
     sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[2]))
 
+from examples.common import run, use_cpu_devices
 from examples.gpt_small_tp import model as gpt
 from examples.gpt_small_tp.train import validation_batches
 
@@ -116,20 +117,16 @@ def train(
         cfg, mesh, schedule=schedule, microbatches=microbatches, virtual_stages=virtual_stages
     )
     rng = np.random.default_rng(seed)
-    loop: Any = range(steps)
-    if progress:
-        from tqdm import tqdm
-
-        loop = tqdm(loop, desc=f"train ({schedule})", unit="step", file=sys.stdout)
-    losses = []
-    for i in loop:
-        state, metrics = step(state, gpt.windows(train_data, batch_size, cfg.seq_len + 1, rng))
-        losses.append(metrics["loss"])
-        if progress and i % 10 == 0:
-            loop.set_postfix(loss=f"{float(metrics['loss']):.3f}")
+    state, losses = run(
+        step,
+        state,
+        lambda: gpt.windows(train_data, batch_size, cfg.seq_len + 1, rng),
+        steps,
+        desc=f"train ({schedule})" if progress else None,
+    )
     valid = validation_batches(valid_data, cfg, eval_batches, batch_size)
     val_loss = float(np.mean([float(evaluate(state.params, b)) for b in valid]))
-    return state, [float(v) for v in losses], val_loss
+    return state, losses, val_loss
 
 
 def main(argv: list[str] | None = None) -> float:
@@ -160,10 +157,7 @@ def main(argv: list[str] | None = None) -> float:
 
     import jax
 
-    try:  # simulated CPU devices; must come before JAX starts
-        jax.config.update("jax_num_cpu_devices", args.devices)
-    except RuntimeError:
-        pass
+    use_cpu_devices(args.devices)
     import titanax as tx
 
     n = args.data * args.stages

@@ -16,6 +16,7 @@ import numpy as np
 if __package__ in (None, ""):  # run as a script: make `examples` importable
     sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[2]))
 
+from examples.common import run, use_cpu_devices
 from examples.gpt_small_tp import model as gpt
 
 
@@ -82,20 +83,16 @@ def train(
     state = tx.TrainState.create(gpt.init(jax.random.key(seed), cfg), optimizer)
     step, evaluate = make_steps(cfg, mesh)
     rng = np.random.default_rng(seed)
-    loop: Any = range(steps)
-    if progress:
-        from tqdm import tqdm
-
-        loop = tqdm(loop, desc="train", unit="step", file=sys.stdout)
-    losses = []
-    for i in loop:
-        state, metrics = step(state, gpt.windows(train_data, batch_size, cfg.seq_len + 1, rng))
-        losses.append(metrics["loss"])
-        if progress and i % 10 == 0:
-            loop.set_postfix(loss=f"{float(metrics['loss']):.3f}")
+    state, losses = run(
+        step,
+        state,
+        lambda: gpt.windows(train_data, batch_size, cfg.seq_len + 1, rng),
+        steps,
+        desc="train" if progress else None,
+    )
     valid = validation_batches(valid_data, cfg, eval_batches, batch_size)
     val_loss = float(np.mean([float(evaluate(state.params, b)) for b in valid]))
-    return state, [float(v) for v in losses], val_loss
+    return state, losses, val_loss
 
 
 def parse_mesh(text: str) -> dict[str, int]:
@@ -124,10 +121,7 @@ def main(argv: list[str] | None = None) -> float:
 
     import jax
 
-    try:  # simulated CPU devices; must come before JAX starts
-        jax.config.update("jax_num_cpu_devices", args.devices)
-    except RuntimeError:
-        pass
+    use_cpu_devices(args.devices)
     import titanax as tx
 
     axes = parse_mesh(args.mesh)

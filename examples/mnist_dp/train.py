@@ -19,6 +19,11 @@ from typing import Any
 
 import numpy as np
 
+if __package__ in (None, ""):  # run as a script: make `examples` importable
+    sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[2]))
+
+from examples.common import run, use_cpu_devices  # noqa: E402
+
 
 # ---------------------------------------------------------------- data
 def load_digits() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -170,19 +175,8 @@ def train(
     params = init_params(jax.random.key(seed), (xtr.shape[1], hidden, hidden, 10))
     state = tx.TrainState.create(params, optax.adam(lr))
     step = tx.data_parallel(train_step, axis="data", mesh=mesh)
-    losses = []
     it = batches(xtr, ytr, batch_size, seed)
-    loop: Any = range(steps)
-    if progress:
-        from tqdm import tqdm
-
-        loop = tqdm(loop, desc="train", unit="step", file=sys.stdout)
-    for i in loop:
-        state, metrics = step(state, next(it))
-        losses.append(metrics["loss"])
-        if progress and i % 20 == 0:
-            loop.set_postfix(loss=f"{float(metrics['loss']):.4f}")
-    return state, [float(v) for v in losses]
+    return run(step, state, lambda: next(it), steps, desc="train" if progress else None)
 
 
 def main(argv: list[str] | None = None) -> float:
@@ -198,10 +192,7 @@ def main(argv: list[str] | None = None) -> float:
 
     import jax
 
-    try:  # simulated CPU devices; must come before JAX starts (GPUs are real devices)
-        jax.config.update("jax_num_cpu_devices", args.devices)
-    except RuntimeError:  # JAX already started (e.g. under pytest): use what is there
-        pass
+    use_cpu_devices(args.devices)
     if len(jax.devices()) < args.devices:
         parser.error(f"--devices {args.devices}: only {len(jax.devices())} devices available")
     import titanax as tx

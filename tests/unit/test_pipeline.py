@@ -229,3 +229,27 @@ def test_pipeline_alone_on_stage_x_model():
     assert_matches(
         pipe(sp, x, t, lp), jax.value_and_grad(sequential, argnums=(0, 1, 3))(sp, x, t, lp, 4)
     )
+
+
+def test_tensor_parallel_stages_on_stage_x_model():
+    mesh = tx.mesh(stage=4, model=2)
+    sp, x, t, lp = problem(4, 4)
+    pipe = tx.pipeline(stage, schedule="1f1b", microbatches=4, loss=loss)
+    stage_rules = tx.Rules((r"^(w|b|w2)$", P("stage")), (r".*", P()))
+    model_rules = tx.Rules((r"^w$", P(None, None, "model")), (r"^b$", P(None, "model")),
+                           (r"^w2$", P(None, "model", None)), (r".*", P()))
+
+    @tx.tensor_parallel(stage_rules, axis="stage", mesh=mesh, batch_argnums=(2, 3))
+    @tx.tensor_parallel(model_rules, axis="model", batch_argnums=(2, 3))
+    def grads(sp, lp, x, t):
+        return pipe(sp, x, t, lp)
+
+    assert grads.specs(sp, lp, x, t)[0][0]["w2"] == P("stage", "model")
+    value, (g_sp, g_x, g_lp) = grads(sp, lp, x, t)
+    want = jax.value_and_grad(sequential, argnums=(0, 1, 3))(sp, x, t, lp, 4)
+    assert_matches((value, (g_sp, g_x, g_lp)), want)
+    found = hlo.summary(hlo.collectives(grads.lower(sp, lp, x, t).compile().as_text(), mesh))
+    # Megatron inside each stage: one all-reduce of the activation in each forward branch
+    # (F, F of the last stage) and of its gradient in each backward branch (B, B of stage 0)
+    assert found[("all-reduce", ("model",))] == 4
+    assert found[("all-gather", ("stage",))] == 0
