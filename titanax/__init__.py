@@ -13,9 +13,12 @@ import os as _os
 # This only takes effect if Titanax is imported before JAX starts its backend.
 _os.environ.setdefault("NPROC", str(max(32, _os.cpu_count() or 1)))
 
-from titanax.errors import (  # noqa: E402
+# ruff: noqa: E402
+from titanax import checkpoint, data  # tx.checkpoint.Manager, tx.data.Loader
+from titanax.errors import (
     CheckpointError,
     CollectiveError,
+    DataError,
     DistributedError,
     MeshError,
     PlanError,
@@ -23,11 +26,8 @@ from titanax.errors import (  # noqa: E402
     ScheduleError,
     TitanaxError,
 )
-from titanax.mesh import mesh  # noqa: E402
-from titanax.parallel import (
-    rules,  # noqa: E402  (tx.rules.megatron_mlp, ...)
-    schedules,  # tx.schedules.get
-)
+from titanax.mesh import mesh
+from titanax.parallel import rules, schedules  # tx.rules.megatron_mlp, tx.schedules.get
 from titanax.parallel.collectives import (
     all_gather,
     all_to_all,
@@ -50,34 +50,42 @@ from titanax.state import TrainState
 __version__ = "0.1.0"
 
 __all__ = [
-    "Action",
-    "Schedule",
-    "schedules",
-    "CheckpointError",
-    "CollectiveError",
-    "DistributedError",
-    "MeshError",
+    # transforms and what they return
+    "data_parallel",
+    "tensor_parallel",
+    "pipeline",
     "ParallelFunction",
     "Plan",
-    "PlanError",
-    "RuleError",
+    # meshes, layouts, schedules
+    "mesh",
     "Rules",
-    "ScheduleError",
-    "TitanaxError",
-    "TrainState",
-    "all_gather",
-    "all_to_all",
+    "rules",
     "constrain",
+    "schedules",
+    "Schedule",
+    "Action",
+    # guarded collectives
+    "psum",
+    "pmean",
+    "pmax",
+    "all_gather",
+    "psum_scatter",
+    "ppermute",
+    "all_to_all",
     "axis_index",
     "axis_size",
-    "data_parallel",
-    "mesh",
-    "pmax",
-    "pipeline",
-    "pmean",
-    "ppermute",
-    "psum",
-    "psum_scatter",
-    "rules",
-    "tensor_parallel",
+    # state, checkpoints, data
+    "TrainState",
+    "checkpoint",
+    "data",
+    # errors
+    "TitanaxError",
+    "MeshError",
+    "RuleError",
+    "PlanError",
+    "CollectiveError",
+    "ScheduleError",
+    "CheckpointError",
+    "DistributedError",
+    "DataError",
 ]

@@ -16,6 +16,7 @@ __all__ = [
     "ScheduleError",
     "CheckpointError",
     "DistributedError",
+    "DataError",
 ]
 
 
@@ -49,3 +50,7 @@ class CheckpointError(TitanaxError):
 
 class DistributedError(TitanaxError):
     """A multi-process set-up or run that failed."""
+
+
+class DataError(TitanaxError):
+    """Data that cannot be batched or a data position that cannot be resumed."""

@@ -20,7 +20,7 @@ if __package__ in (None, ""):  # run as a script: make `examples` importable
 
 from examples.common import run, use_cpu_devices
 from examples.gpt_small_tp import model as gpt
-from examples.gpt_small_tp.train import validation_batches
+from examples.gpt_small_tp.train import make_optimizer, validation_batches
 
 
 def to_pipeline(params: gpt.Params) -> gpt.Params:
@@ -102,25 +102,22 @@ def train(
 ) -> tuple[Any, list[float], float]:
     """Trains for ``steps``; returns the state, the training losses and the validation loss."""
     import jax
-    import optax
 
     import titanax as tx
 
     train_data, valid_data = gpt.split(gpt.corpus())
-    schedule_fn = optax.warmup_cosine_decay_schedule(0.0, lr, min(100, steps // 5 + 1), steps)
-    optimizer = optax.chain(
-        optax.clip_by_global_norm(1.0), optax.adamw(schedule_fn, weight_decay=0.1)
-    )
+    optimizer = make_optimizer(lr, steps)
     params = to_pipeline(gpt.init(jax.random.key(seed), cfg))
     state = tx.TrainState.create(params, optimizer)
     step, evaluate = make_steps(
         cfg, mesh, schedule=schedule, microbatches=microbatches, virtual_stages=virtual_stages
     )
-    rng = np.random.default_rng(seed)
     state, losses = run(
         step,
         state,
-        lambda: gpt.windows(train_data, batch_size, cfg.seq_len + 1, rng),
+        lambda i: gpt.windows(
+            train_data, batch_size, cfg.seq_len + 1, np.random.default_rng((seed, i))
+        ),
         steps,
         desc=f"train ({schedule})" if progress else None,
     )

@@ -16,7 +16,7 @@ import numpy as np
 if __package__ in (None, ""):  # run as a script: make `examples` importable
     sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[2]))
 
-from examples.common import run, use_cpu_devices
+from examples.common import Checkpoints, run, use_cpu_devices
 from examples.gpt_small_tp import model as gpt
 
 
@@ -60,6 +60,14 @@ def validation_batches(
     return [gpt.windows(valid, batch, cfg.seq_len + 1, rng) for _ in range(n)]
 
 
+def make_optimizer(lr: float, steps: int) -> Any:
+    """AdamW with warm-up, cosine decay and gradient clipping."""
+    import optax
+
+    schedule = optax.warmup_cosine_decay_schedule(0.0, lr, min(100, steps // 5 + 1), steps)
+    return optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(schedule, weight_decay=0.1))
+
+
 def train(
     cfg: gpt.GPTConfig,
     mesh: Any,
@@ -70,25 +78,33 @@ def train(
     seed: int = 0,
     eval_batches: int = 4,
     progress: bool = False,
+    checkpoint_dir: str | None = None,
+    save_every: int = 0,
 ) -> tuple[Any, list[float], float]:
-    """Trains for ``steps`` and returns the state, the training losses and the validation loss."""
+    """Trains to ``steps``; returns the state, the losses of the steps run and the validation loss.
+
+    Batch ``i`` is drawn with the seed ``(seed, i)``, so the data position is the step
+    itself: with ``checkpoint_dir`` a run resumes exactly from its newest checkpoint.
+    """
     import jax
-    import optax
 
     import titanax as tx
 
     train_data, valid_data = gpt.split(gpt.corpus())
-    schedule = optax.warmup_cosine_decay_schedule(0.0, lr, min(100, steps // 5 + 1), steps)
-    optimizer = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(schedule, weight_decay=0.1))
-    state = tx.TrainState.create(gpt.init(jax.random.key(seed), cfg), optimizer)
+    optimizer = make_optimizer(lr, steps)
     step, evaluate = make_steps(cfg, mesh)
-    rng = np.random.default_rng(seed)
+
+    def batch(i: int) -> np.ndarray:
+        return gpt.windows(
+            train_data, batch_size, cfg.seq_len + 1, np.random.default_rng((seed, i))
+        )
+
+    state = tx.TrainState.create(gpt.init(jax.random.key(seed), cfg), optimizer)
+    state = step.place(state, batch(0))[0]  # laid out once, as the step wants it
+    ckpt = Checkpoints(checkpoint_dir, save_every, lambda: None)
+    state, start, _ = ckpt.resume(state)
     state, losses = run(
-        step,
-        state,
-        lambda: gpt.windows(train_data, batch_size, cfg.seq_len + 1, rng),
-        steps,
-        desc="train" if progress else None,
+        step, state, batch, steps, start=start, desc="train" if progress else None, checkpoints=ckpt
     )
     valid = validation_batches(valid_data, cfg, eval_batches, batch_size)
     val_loss = float(np.mean([float(evaluate(state.params, b)) for b in valid]))
@@ -117,6 +133,8 @@ def main(argv: list[str] | None = None) -> float:
     parser.add_argument("--heads", type=int, default=4)
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--checkpoint-dir", default=None, help="save here; resume from newest")
+    parser.add_argument("--save-every", type=int, default=0, help="steps between checkpoints")
     args = parser.parse_args(argv)
 
     import jax
@@ -141,9 +159,11 @@ def main(argv: list[str] | None = None) -> float:
         lr=args.lr,
         seed=args.seed,
         progress=True,
+        checkpoint_dir=args.checkpoint_dir,
+        save_every=args.save_every,
     )
     print(
-        f"final train loss {losses[-1]:.4f}; validation loss {val_loss:.4f}, "
+        f"final train loss {losses[-1] if losses else float('nan'):.4f}; validation loss {val_loss:.4f}, "
         f"perplexity {math.exp(val_loss):.2f} (bytes)"
     )
     return val_loss

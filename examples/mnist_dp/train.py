@@ -14,7 +14,6 @@ import gzip
 import os
 import struct
 import sys
-from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -22,7 +21,7 @@ import numpy as np
 if __package__ in (None, ""):  # run as a script: make `examples` importable
     sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[2]))
 
-from examples.common import run, use_cpu_devices  # noqa: E402
+from examples.common import Checkpoints, run, use_cpu_devices  # noqa: E402
 
 
 # ---------------------------------------------------------------- data
@@ -79,18 +78,6 @@ def load_mnist(data_dir: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.nd
     xtr, ytr, xte, yte = parts
     flat = lambda x: (x.reshape(len(x), -1) / 255.0).astype(np.float32)  # noqa: E731
     return flat(xtr), ytr.astype(np.int32), flat(xte), yte.astype(np.int32)
-
-
-def batches(
-    x: np.ndarray, y: np.ndarray, batch_size: int, seed: int
-) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """Shuffled batches, epoch after epoch; the last partial batch of an epoch is dropped."""
-    rng = np.random.default_rng(seed)
-    while True:
-        order = rng.permutation(len(x))
-        for i in range(0, len(x) - batch_size + 1, batch_size):
-            idx = order[i : i + batch_size]
-            yield x[idx], y[idx]
 
 
 # ---------------------------------------------------------------- model
@@ -164,8 +151,14 @@ def train(
     hidden: int = 128,
     seed: int = 0,
     progress: bool = False,
+    checkpoint_dir: str | None = None,
+    save_every: int = 0,
 ) -> tuple[Any, list[float]]:
-    """Trains on ``mesh`` and returns the final state and the loss of every step."""
+    """Trains on ``mesh`` to ``steps`` and returns the final state and the loss of each step run.
+
+    With ``checkpoint_dir``, it saves there every ``save_every`` steps and at the
+    end, and resumes from the newest checkpoint it finds (state and data position).
+    """
     import jax
     import optax
 
@@ -173,10 +166,23 @@ def train(
 
     xtr, ytr = data[0], data[1]
     params = init_params(jax.random.key(seed), (xtr.shape[1], hidden, hidden, 10))
-    state = tx.TrainState.create(params, optax.adam(lr))
     step = tx.data_parallel(train_step, axis="data", mesh=mesh)
-    it = batches(xtr, ytr, batch_size, seed)
-    return run(step, state, lambda: next(it), steps, desc="train" if progress else None)
+    loader = tx.data.Loader((xtr, ytr), batch_size, seed=seed)
+    state = tx.TrainState.create(params, optax.adam(lr))
+    state = step.place(state, (xtr[:batch_size], ytr[:batch_size]))[0]  # laid out once
+    ckpt = Checkpoints(checkpoint_dir, save_every, loader.state)
+    state, start, position = ckpt.resume(state)
+    if position is not None:
+        loader = tx.data.Loader((xtr, ytr), batch_size, seed=seed, position=position)
+    return run(
+        step,
+        state,
+        lambda _: next(loader),
+        steps,
+        start=start,
+        desc="train" if progress else None,
+        checkpoints=ckpt,
+    )
 
 
 def main(argv: list[str] | None = None) -> float:
@@ -188,6 +194,8 @@ def main(argv: list[str] | None = None) -> float:
     parser.add_argument("--hidden", type=int, default=128)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--data-dir", default=None, help="real MNIST (mnist.npz or IDX files)")
+    parser.add_argument("--checkpoint-dir", default=None, help="save here; resume from newest")
+    parser.add_argument("--save-every", type=int, default=0, help="steps between checkpoints")
     args = parser.parse_args(argv)
 
     import jax
@@ -209,10 +217,12 @@ def main(argv: list[str] | None = None) -> float:
         hidden=args.hidden,
         seed=args.seed,
         progress=True,
+        checkpoint_dir=args.checkpoint_dir,
+        save_every=args.save_every,
     )
     evaluate = tx.data_parallel(eval_step, axis="data", mesh=mesh, donate=False)
     acc = accuracy(evaluate, state.params, data[2], data[3], mesh.shape["data"])
-    print(f"final loss {losses[-1]:.4f}; test accuracy {acc:.4f}")
+    print(f"final loss {losses[-1] if losses else float('nan'):.4f}; test accuracy {acc:.4f}")
     return acc
 
 

@@ -30,7 +30,7 @@ def test_50_steps_on_1_and_8_devices(digits):
         )
     )
     ref_losses = []
-    it = example.batches(digits[0], digits[1], 128, 0)
+    it = tx.data.Loader((digits[0], digits[1]), 128, seed=0)
     for _ in range(50):
         ref, loss = ref_step(ref, next(it))
         ref_losses.append(float(loss))

@@ -236,8 +236,12 @@ def test_tensor_parallel_stages_on_stage_x_model():
     sp, x, t, lp = problem(4, 4)
     pipe = tx.pipeline(stage, schedule="1f1b", microbatches=4, loss=loss)
     stage_rules = tx.Rules((r"^(w|b|w2)$", P("stage")), (r".*", P()))
-    model_rules = tx.Rules((r"^w$", P(None, None, "model")), (r"^b$", P(None, "model")),
-                           (r"^w2$", P(None, "model", None)), (r".*", P()))
+    model_rules = tx.Rules(
+        (r"^w$", P(None, None, "model")),
+        (r"^b$", P(None, "model")),
+        (r"^w2$", P(None, "model", None)),
+        (r".*", P()),
+    )
 
     @tx.tensor_parallel(stage_rules, axis="stage", mesh=mesh, batch_argnums=(2, 3))
     @tx.tensor_parallel(model_rules, axis="model", batch_argnums=(2, 3))

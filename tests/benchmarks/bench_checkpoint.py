@@ -1,0 +1,103 @@
+"""Checkpoint throughput against plain Orbax, and how much of an async save training hides.
+
+Printed, not asserted. Goal: Titanax / Orbax throughput >= 0.9 for save and restore.
+"""
+
+import shutil
+import statistics
+import tempfile
+import time
+
+import jax
+import jax.numpy as jnp
+import orbax.checkpoint as ocp
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+import titanax as tx
+
+MB = 2**20
+
+
+def make_state(mesh):
+    """About 200 MB: kernels sharded over 'model', the rest replicated."""
+    n = 1024
+    tree = {
+        f"layer{i}": {"kernel": jnp.full((n, 6 * n), float(i)), "bias": jnp.zeros(6 * n)}
+        for i in range(8)
+    }
+    specs = tx.Rules((r"kernel$", P(None, "model")), (r".*", P())).specs(tree, mesh)
+    shardings = jax.tree.map(
+        lambda s: NamedSharding(mesh, s), specs, is_leaf=lambda s: isinstance(s, P)
+    )
+    return jax.block_until_ready(jax.device_put(tree, shardings))
+
+
+def titanax_round(state, directory):
+    with tx.checkpoint.Manager(directory, async_save=False) as mngr:
+        t0 = time.perf_counter()
+        mngr.save(1, state)
+        t1 = time.perf_counter()
+        jax.block_until_ready(mngr.restore(1, like=state))
+        t2 = time.perf_counter()
+    return t1 - t0, t2 - t1
+
+
+def orbax_round(state, directory):
+    options = ocp.CheckpointManagerOptions(enable_async_checkpointing=False)
+    with ocp.CheckpointManager(directory, options=options) as mngr:
+        t0 = time.perf_counter()
+        mngr.save(1, args=ocp.args.Composite(state=ocp.args.StandardSave(state)))
+        t1 = time.perf_counter()
+        target = jax.tree.map(
+            lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), state
+        )
+        jax.block_until_ready(
+            mngr.restore(1, args=ocp.args.Composite(state=ocp.args.StandardRestore(target))).state
+        )
+        t2 = time.perf_counter()
+    return t1 - t0, t2 - t1
+
+
+def test_throughput_and_async_share():
+    mesh = tx.mesh(data=4, model=2)
+    state = make_state(mesh)
+    size = sum(a.nbytes for a in jax.tree.leaves(state)) / MB
+    results = {"titanax": [], "orbax": []}
+    for _ in range(3):  # alternating rounds
+        for name, fn in (("titanax", titanax_round), ("orbax", orbax_round)):
+            d = tempfile.mkdtemp()
+            results[name].append(fn(state, d))
+            shutil.rmtree(d)
+    save = {k: statistics.median(s for s, _ in v) for k, v in results.items()}
+    load = {k: statistics.median(r for _, r in v) for k, v in results.items()}
+    print(f"\nstate {size:.0f} MiB on mesh data=4 x model=2 (median of 3 alternating rounds)")
+    for k in results:
+        print(f"  {k:8s} save {size / save[k]:7.1f} MiB/s   restore {size / load[k]:7.1f} MiB/s")
+    print(
+        f"  throughput Titanax / Orbax: save {save['orbax'] / save['titanax']:.2f}, "
+        f"restore {load['orbax'] / load['titanax']:.2f}"
+    )
+
+    # Async: how long save() blocks, against the whole write, with training steps in between.
+    step = tx.data_parallel(
+        lambda w, x: (w + tx.pmean(jnp.tanh(x @ w).sum(), "data"), tx.pmean(x.sum(), "data")),
+        mesh=mesh,
+    )
+    w, x = jnp.ones((512, 512)), jnp.ones((64, 512))
+    w, _ = step(w, x)
+    d = tempfile.mkdtemp()
+    with tx.checkpoint.Manager(d, async_save=True) as mngr:
+        t0 = time.perf_counter()
+        mngr.save(1, state)
+        blocked = time.perf_counter() - t0
+        steps = 0
+        while mngr.is_saving():
+            w, _ = jax.block_until_ready(step(w, x))
+            steps += 1
+        total = time.perf_counter() - t0
+    shutil.rmtree(d)
+    print(
+        f"  async save: save() blocked {blocked:.2f} s of {total:.2f} s; {steps} training "
+        f"steps ran meanwhile; hidden share {(total - blocked) / total:.0%}"
+    )
