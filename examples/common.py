@@ -2,19 +2,49 @@
 
 from __future__ import annotations
 
+import json
+import os
 import sys
 from collections.abc import Callable
 from typing import Any
 
 
-def use_cpu_devices(n: int) -> None:
-    """Simulates ``n`` CPU devices, if JAX has not started yet (GPUs are real devices)."""
+def start(devices: int) -> None:
+    """Simulates ``devices`` CPU devices and joins the other processes, if any.
+
+    Under ``titanax launch`` the launcher decides the devices of each process
+    (``JAX_NUM_CPU_DEVICES``) and ``tx.distributed.initialize()`` joins them;
+    run directly, it is one process with ``devices`` simulated devices.
+    """
     import jax
 
-    try:
-        jax.config.update("jax_num_cpu_devices", n)
-    except RuntimeError:  # JAX already started (e.g. under pytest): use what is there
-        pass
+    import titanax as tx
+
+    if "JAX_NUM_CPU_DEVICES" not in os.environ:
+        try:  # must come before JAX starts (GPUs are real devices: it changes nothing there)
+            jax.config.update("jax_num_cpu_devices", devices)
+        except RuntimeError:  # JAX already started (e.g. under pytest): use what is there
+            pass
+    tx.distributed.initialize(heartbeat_s=10)
+
+
+def mine(batch: Any) -> Any:
+    """This process's rows of a global batch (all of it with one process)."""
+    import jax
+
+    def rows(a: Any) -> Any:
+        n = a.shape[0] // jax.process_count()
+        return a[jax.process_index() * n : (jax.process_index() + 1) * n]
+
+    return jax.tree.map(rows, batch)
+
+
+def say(*args: Any) -> None:
+    """``print``, on process 0 only."""
+    import jax
+
+    if jax.process_index() == 0:
+        print(*args, flush=True)
 
 
 class Checkpoints:
@@ -36,7 +66,7 @@ class Checkpoints:
         if self.mngr is None or self.mngr.latest_step() is None:
             return state, 0, None
         step = self.mngr.latest_step()
-        print(f"resuming from step {step} in {self.mngr.directory}")
+        say(f"resuming from step {step} in {self.mngr.directory}")
         return self.mngr.restore(step, like=state), step, self.mngr.extra(step).get("data")
 
     def __call__(self, step: int, state: Any, last: int) -> None:
@@ -57,13 +87,18 @@ def run(
     start: int = 0,
     desc: str | None = None,
     checkpoints: Checkpoints | None = None,
+    metrics_path: str | None = None,
 ) -> tuple[Any, list[float]]:
     """The user's loop, as plain as it gets: ``state, metrics = step(state, batch)``.
 
     Runs steps ``start .. steps - 1`` (``next_batch(i)`` gives batch ``i``) and
     returns the final state and every step's loss. ``desc`` shows a progress
-    bar. Losses stay on the device until the end, so the loop never waits on them.
+    bar and ``metrics_path`` gets one JSON line per step (both on process 0 only).
+    Losses stay on the device until the end, so the loop never waits on them.
     """
+    import jax
+
+    desc = desc if jax.process_index() == 0 else None
     loop: Any = range(start, steps)
     if desc is not None:
         from tqdm import tqdm
@@ -79,4 +114,9 @@ def run(
             loop.set_postfix(loss=f"{float(metrics['loss']):.4f}")
     if checkpoints is not None:
         checkpoints.close()
-    return state, [float(v) for v in losses]
+    values = [float(v) for v in losses]
+    if metrics_path and jax.process_index() == 0:
+        with open(metrics_path, "a") as f:
+            for i, v in enumerate(values, start=start + 1):
+                f.write(json.dumps({"step": i, "loss": v}) + "\n")
+    return state, values

@@ -14,7 +14,7 @@ import os as _os
 _os.environ.setdefault("NPROC", str(max(32, _os.cpu_count() or 1)))
 
 # ruff: noqa: E402
-from titanax import checkpoint, data  # tx.checkpoint.Manager, tx.data.Loader
+from titanax import checkpoint, data, distributed  # tx.checkpoint.Manager, tx.data.Loader, ...
 from titanax.errors import (
     CheckpointError,
     CollectiveError,
@@ -78,6 +78,7 @@ __all__ = [
     "TrainState",
     "checkpoint",
     "data",
+    "distributed",
     # errors
     "TitanaxError",
     "MeshError",

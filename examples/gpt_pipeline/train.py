@@ -18,7 +18,7 @@ import numpy as np
 if __package__ in (None, ""):  # run as a script: make `examples` importable
     sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[2]))
 
-from examples.common import run, use_cpu_devices
+from examples.common import mine, run, say, start
 from examples.gpt_small_tp import model as gpt
 from examples.gpt_small_tp.train import make_optimizer, validation_batches
 
@@ -115,14 +115,14 @@ def train(
     state, losses = run(
         step,
         state,
-        lambda i: gpt.windows(
-            train_data, batch_size, cfg.seq_len + 1, np.random.default_rng((seed, i))
+        lambda i: mine(
+            gpt.windows(train_data, batch_size, cfg.seq_len + 1, np.random.default_rng((seed, i)))
         ),
         steps,
         desc=f"train ({schedule})" if progress else None,
     )
     valid = validation_batches(valid_data, cfg, eval_batches, batch_size)
-    val_loss = float(np.mean([float(evaluate(state.params, b)) for b in valid]))
+    val_loss = float(np.mean([float(evaluate(state.params, mine(b))) for b in valid]))
     return state, losses, val_loss
 
 
@@ -154,7 +154,7 @@ def main(argv: list[str] | None = None) -> float:
 
     import jax
 
-    use_cpu_devices(args.devices)
+    start(args.devices)  # devices, and the other processes under `titanax launch`
     import titanax as tx
 
     n = args.data * args.stages
@@ -169,7 +169,7 @@ def main(argv: list[str] | None = None) -> float:
         microbatches=args.microbatches,
         virtual_stages=args.virtual_stages,
     )
-    print(
+    say(
         f"GPT {cfg}; mesh {dict(mesh.shape)}; {args.schedule}: bubble "
         f"{s.bubble_fraction:.3f}, activations held per device {s.peak_in_flight}"
     )
@@ -185,7 +185,7 @@ def main(argv: list[str] | None = None) -> float:
         seed=args.seed,
         progress=True,
     )
-    print(
+    say(
         f"final train loss {losses[-1]:.4f}; validation loss {val_loss:.4f}, "
         f"perplexity {math.exp(val_loss):.2f} (bytes)"
     )

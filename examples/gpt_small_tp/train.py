@@ -16,7 +16,7 @@ import numpy as np
 if __package__ in (None, ""):  # run as a script: make `examples` importable
     sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[2]))
 
-from examples.common import Checkpoints, run, use_cpu_devices
+from examples.common import Checkpoints, mine, run, say, start
 from examples.gpt_small_tp import model as gpt
 
 
@@ -80,6 +80,7 @@ def train(
     progress: bool = False,
     checkpoint_dir: str | None = None,
     save_every: int = 0,
+    metrics_path: str | None = None,
 ) -> tuple[Any, list[float], float]:
     """Trains to ``steps``; returns the state, the losses of the steps run and the validation loss.
 
@@ -94,20 +95,26 @@ def train(
     optimizer = make_optimizer(lr, steps)
     step, evaluate = make_steps(cfg, mesh)
 
-    def batch(i: int) -> np.ndarray:
-        return gpt.windows(
-            train_data, batch_size, cfg.seq_len + 1, np.random.default_rng((seed, i))
-        )
+    def batch(i: int) -> np.ndarray:  # the same global batch everywhere; each process its rows
+        rng = np.random.default_rng((seed, i))
+        return mine(gpt.windows(train_data, batch_size, cfg.seq_len + 1, rng))
 
     state = tx.TrainState.create(gpt.init(jax.random.key(seed), cfg), optimizer)
     state = step.place(state, batch(0))[0]  # laid out once, as the step wants it
     ckpt = Checkpoints(checkpoint_dir, save_every, lambda: None)
     state, start, _ = ckpt.resume(state)
     state, losses = run(
-        step, state, batch, steps, start=start, desc="train" if progress else None, checkpoints=ckpt
+        step,
+        state,
+        batch,
+        steps,
+        start=start,
+        desc="train" if progress else None,
+        checkpoints=ckpt,
+        metrics_path=metrics_path,
     )
     valid = validation_batches(valid_data, cfg, eval_batches, batch_size)
-    val_loss = float(np.mean([float(evaluate(state.params, b)) for b in valid]))
+    val_loss = float(np.mean([float(evaluate(state.params, mine(b))) for b in valid]))
     return state, losses, val_loss
 
 
@@ -135,11 +142,12 @@ def main(argv: list[str] | None = None) -> float:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--checkpoint-dir", default=None, help="save here; resume from newest")
     parser.add_argument("--save-every", type=int, default=0, help="steps between checkpoints")
+    parser.add_argument("--metrics", default=None, help="append one JSON line per step here")
     args = parser.parse_args(argv)
 
     import jax
 
-    use_cpu_devices(args.devices)
+    start(args.devices)  # devices, and the other processes under `titanax launch`
     import titanax as tx
 
     axes = parse_mesh(args.mesh)
@@ -150,7 +158,7 @@ def main(argv: list[str] | None = None) -> float:
     cfg = gpt.GPTConfig(
         seq_len=args.seq_len, d_model=args.d_model, heads=args.heads, layers=args.layers
     )
-    print(f"GPT {cfg}; mesh {dict(mesh.shape)}")
+    say(f"GPT {cfg}; mesh {dict(mesh.shape)}")
     _, losses, val_loss = train(
         cfg,
         mesh,
@@ -161,8 +169,9 @@ def main(argv: list[str] | None = None) -> float:
         progress=True,
         checkpoint_dir=args.checkpoint_dir,
         save_every=args.save_every,
+        metrics_path=args.metrics,
     )
-    print(
+    say(
         f"final train loss {losses[-1] if losses else float('nan'):.4f}; validation loss {val_loss:.4f}, "
         f"perplexity {math.exp(val_loss):.2f} (bytes)"
     )

@@ -21,7 +21,7 @@ import numpy as np
 if __package__ in (None, ""):  # run as a script: make `examples` importable
     sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[2]))
 
-from examples.common import Checkpoints, run, use_cpu_devices  # noqa: E402
+from examples.common import Checkpoints, run, say, start  # noqa: E402
 
 
 # ---------------------------------------------------------------- data
@@ -134,11 +134,16 @@ def eval_step(params: dict[str, Any], batch: tuple[Any, Any, Any]) -> Any:
 
 
 def accuracy(evaluate: Any, params: Any, x: np.ndarray, y: np.ndarray, multiple: int) -> float:
+    """Test accuracy: the set padded to a multiple of the replicas; each process passes its rows."""
+    import jax
+
     pad = (-len(x)) % multiple
     mask = np.concatenate([np.ones(len(x), np.float32), np.zeros(pad, np.float32)])
     xp = np.concatenate([x, np.zeros((pad, x.shape[1]), x.dtype)])
     yp = np.concatenate([y, np.zeros(pad, y.dtype)])
-    return float(evaluate(params, (xp, yp, mask))) / len(x)
+    rows = len(xp) // jax.process_count()
+    mine = slice(jax.process_index() * rows, (jax.process_index() + 1) * rows)
+    return float(evaluate(params, (xp[mine], yp[mine], mask[mine]))) / len(x)
 
 
 def train(
@@ -153,6 +158,7 @@ def train(
     progress: bool = False,
     checkpoint_dir: str | None = None,
     save_every: int = 0,
+    metrics_path: str | None = None,
 ) -> tuple[Any, list[float]]:
     """Trains on ``mesh`` to ``steps`` and returns the final state and the loss of each step run.
 
@@ -169,7 +175,8 @@ def train(
     step = tx.data_parallel(train_step, axis="data", mesh=mesh)
     loader = tx.data.Loader((xtr, ytr), batch_size, seed=seed)
     state = tx.TrainState.create(params, optax.adam(lr))
-    state = step.place(state, (xtr[:batch_size], ytr[:batch_size]))[0]  # laid out once
+    local = batch_size // jax.process_count()  # each process passes its own rows
+    state = step.place(state, (xtr[:local], ytr[:local]))[0]  # laid out once
     ckpt = Checkpoints(checkpoint_dir, save_every, loader.state)
     state, start, position = ckpt.resume(state)
     if position is not None:
@@ -182,6 +189,7 @@ def train(
         start=start,
         desc="train" if progress else None,
         checkpoints=ckpt,
+        metrics_path=metrics_path,
     )
 
 
@@ -196,18 +204,19 @@ def main(argv: list[str] | None = None) -> float:
     parser.add_argument("--data-dir", default=None, help="real MNIST (mnist.npz or IDX files)")
     parser.add_argument("--checkpoint-dir", default=None, help="save here; resume from newest")
     parser.add_argument("--save-every", type=int, default=0, help="steps between checkpoints")
+    parser.add_argument("--metrics", default=None, help="append one JSON line per step here")
     args = parser.parse_args(argv)
 
     import jax
 
-    use_cpu_devices(args.devices)
+    start(args.devices)  # devices, and the other processes under `titanax launch`
     if len(jax.devices()) < args.devices:
         parser.error(f"--devices {args.devices}: only {len(jax.devices())} devices available")
     import titanax as tx
 
     data = load_mnist(args.data_dir) if args.data_dir else load_digits()
     mesh = tx.mesh(devices=jax.devices()[: args.devices], data=-1)
-    print(f"{len(data[0])} training / {len(data[2])} test examples; mesh {dict(mesh.shape)}")
+    say(f"{len(data[0])} training / {len(data[2])} test examples; mesh {dict(mesh.shape)}")
     state, losses = train(
         mesh,
         data,
@@ -219,10 +228,11 @@ def main(argv: list[str] | None = None) -> float:
         progress=True,
         checkpoint_dir=args.checkpoint_dir,
         save_every=args.save_every,
+        metrics_path=args.metrics,
     )
     evaluate = tx.data_parallel(eval_step, axis="data", mesh=mesh, donate=False)
     acc = accuracy(evaluate, state.params, data[2], data[3], mesh.shape["data"])
-    print(f"final loss {losses[-1] if losses else float('nan'):.4f}; test accuracy {acc:.4f}")
+    say(f"final loss {losses[-1] if losses else float('nan'):.4f}; test accuracy {acc:.4f}")
     return acc
 
 

@@ -16,7 +16,7 @@ import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from titanax._util import Report, bullets, count, leaves_with_paths, shape_of
-from titanax.errors import PlanError, TitanaxError
+from titanax.errors import DistributedError, PlanError, TitanaxError
 from titanax.parallel import hlo
 from titanax.parallel.collectives import BoundAxis, bind_axes
 from titanax.parallel.rules import layout_table, spec_axes, spec_problem
@@ -285,8 +285,11 @@ class _Entry:
         self.mesh = plan.resolve_mesh()
         self.cmesh = plan.compile_mesh(self.mesh)
         self.names = _arg_names(pf.fun, len(args))
-        self.in_specs = plan.in_specs(args, self.mesh, self.names)
         self.batch = plan.batch_indices(len(args))
+        self.multiprocess = jax.process_count() > 1
+        if self.multiprocess:  # each process passes its own rows of every batch
+            args = tuple(_global_rows(a) if i in self.batch else a for i, a in enumerate(args))
+        self.in_specs = plan.in_specs(args, self.mesh, self.names)
         manual = plan.manual_axes
         self.in_shardings = jax.tree.map(
             lambda s: NamedSharding(self.cmesh, s), self.in_specs, is_leaf=_is_spec
@@ -327,7 +330,6 @@ class _Entry:
                 return _constrain(out, self.out_specs, self.cmesh, plan)
 
         self.jitted = jax.jit(outer, in_shardings=self.in_shardings, donate_argnums=donate)
-        self.multiprocess = jax.process_count() > 1
 
     def place(self, args: tuple[Any, ...]) -> tuple[Any, ...]:
         """Puts each argument on the mesh as the plan lays it out; placed arrays pass as they are."""
@@ -366,6 +368,18 @@ class _Entry:
                 f"grads = tx.pmean(grads, {sorted(plan.manual_axes)[0]!r}) before the update, and "
                 f"tx.pmean(loss, {sorted(plan.manual_axes)[0]!r}) for metrics."
             )
+
+
+def _global_rows(tree: Any) -> Any:
+    """A process's rows of a batch, as the global batch they are part of (shapes only)."""
+
+    def one(x: Any) -> Any:
+        if isinstance(x, jax.Array) or not shape_of(x):
+            return x  # already global, or a scalar (an error the layout reports)
+        shape = shape_of(x)
+        return jax.ShapeDtypeStruct((shape[0] * jax.process_count(), *shape[1:]), _dtype(x))
+
+    return jax.tree.map(one, tree)
 
 
 def _top_level(out: Any) -> tuple[Any, ...]:
@@ -483,7 +497,17 @@ class ParallelFunction:
             except ValueError:
                 pass  # arguments laid out otherwise, or shapes that need checking
         entry = self._entry(args)
-        out = entry.jitted(*entry.place(args))
+        try:
+            out = entry.jitted(*entry.place(args))
+        except jax.errors.JaxRuntimeError as e:
+            if not entry.multiprocess:
+                raise
+            raise DistributedError(
+                f"process {jax.process_index()} of {jax.process_count()}: a step of "
+                f"{getattr(self.fun, '__name__', 'the function')} failed while communicating "
+                f"with the other processes; one of them has probably died ({e}). Restart the job "
+                "from the newest checkpoint."
+            ) from e
         if not entry.checked:
             entry.check_replicas(out, self.plan)
         return out

@@ -1,0 +1,200 @@
+"""Several processes on loopback, launched by `titanax launch` (gloo collectives on CPU)."""
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import jax
+import numpy as np
+import optax
+import pytest
+
+import titanax as tx
+from examples.mnist_dp import train as mnist
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ENV = {**os.environ, "PYTHONPATH": ROOT}
+for var in (
+    "JAX_NUM_CPU_DEVICES",
+    "TITANAX_COORDINATOR",
+    "TITANAX_NUM_PROCESSES",
+    "TITANAX_PROCESS_ID",
+):
+    ENV.pop(var, None)
+
+
+def launch(nproc, script, *args, timeout=300):
+    cmd = [
+        sys.executable,
+        "-m",
+        "titanax.launch.cli",
+        "launch",
+        "--nproc",
+        str(nproc),
+        "--devices-per-process",
+        str(8 // nproc),
+        script,
+        *args,
+    ]
+    return subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+
+
+def single(script, *args):
+    done = subprocess.run(
+        [sys.executable, script, *args],
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return done
+
+
+def losses(path):
+    return [json.loads(line)["loss"] for line in open(path)]
+
+
+def test_mnist_on_2_processes_equals_1_process(tmp_path):
+    done = launch(
+        2, "examples/mnist_dp/train.py", "--steps", "20", "--metrics", str(tmp_path / "two.jsonl")
+    )
+    assert done.returncode == 0, done.stdout[-3000:]
+    assert "[1] " in done.stdout and "[0] final loss" in done.stdout
+    assert "[1] final loss" not in done.stdout  # reported once, by process 0
+    single("examples/mnist_dp/train.py", "--steps", "20", "--metrics", str(tmp_path / "one.jsonl"))
+    two, one = losses(tmp_path / "two.jsonl"), losses(tmp_path / "one.jsonl")
+    assert len(two) == len(one) == 20
+    assert np.max(np.abs(np.subtract(two, one))) < 1e-5
+
+
+def test_dp_x_tp_on_2_processes_equals_1_process(tmp_path):
+    args = [
+        "--mesh",
+        "data=2,model=4",
+        "--layers",
+        "1",
+        "--d-model",
+        "64",
+        "--seq-len",
+        "32",
+        "--batch-size",
+        "8",
+        "--steps",
+        "4",
+    ]
+    done = launch(
+        2, "examples/gpt_small_tp/train.py", *args, "--metrics", str(tmp_path / "two.jsonl")
+    )
+    assert done.returncode == 0, done.stdout[-3000:]
+    single("examples/gpt_small_tp/train.py", *args, "--metrics", str(tmp_path / "one.jsonl"))
+    two, one = losses(tmp_path / "two.jsonl"), losses(tmp_path / "one.jsonl")
+    assert len(two) == 4 and np.max(np.abs(np.subtract(two, one))) < 1e-5
+
+
+def test_checkpoint_from_2_processes_restores_in_1_on_another_mesh(tmp_path):
+    ck = tmp_path / "ck"
+    done = launch(2, "examples/mnist_dp/train.py", "--steps", "10", "--checkpoint-dir", str(ck))
+    assert done.returncode == 0, done.stdout[-3000:]
+    single("examples/mnist_dp/train.py", "--steps", "10", "--checkpoint-dir", str(tmp_path / "one"))
+    mngr = tx.checkpoint.Manager(ck)
+    assert mngr.metadata()["process_count"] == 2
+    params = mnist.init_params(jax.random.key(0), (64, 128, 128, 10))
+    state = tx.TrainState.create(params, optax.adam(1e-3))
+    mesh = tx.mesh(devices=jax.devices()[:4], data=2, model=2)  # another mesh, one process
+    like = jax.device_put(state, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+    restored = mngr.restore(like=like)
+    assert int(restored.step) == 10
+    one_device = mngr.restore(like=jax.device_put(state, jax.devices()[0]))
+    reference = tx.checkpoint.Manager(tmp_path / "one").restore(like=like)
+    for a, b, c in zip(*map(jax.tree.leaves, (restored, one_device, reference))):
+        assert a.sharding == like.params["dense0"]["kernel"].sharding
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))  # both meshes: same bits
+        # the single-process run: gloo sums in another order, so equal to float rounding
+        np.testing.assert_allclose(np.asarray(a), np.asarray(c), rtol=1e-5, atol=1e-7)
+
+
+def test_killed_process_stops_the_launch_within_60_s(tmp_path):
+    cmd = [
+        sys.executable,
+        "-m",
+        "titanax.launch.cli",
+        "launch",
+        "--nproc",
+        "2",
+        "--devices-per-process",
+        "4",
+        "--grace",
+        "5",
+        "examples/mnist_dp/train.py",
+        "--steps",
+        "1000000",
+    ]
+    proc = subprocess.Popen(
+        cmd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT
+    )
+    pids, output = {}, []
+    try:
+        for line in proc.stdout:  # wait until both run and train
+            output.append(line)
+            if m := re.match(r"\[launch\] rank (\d+): pid (\d+)", line):
+                pids[int(m.group(1))] = int(m.group(2))
+            if "train:" in line and "step/s" in line:
+                break
+        os.kill(pids[1], signal.SIGKILL)
+        killed = time.monotonic()
+        rest, _ = proc.communicate(timeout=60)
+        elapsed = time.monotonic() - killed
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    output.append(rest)
+    text = "".join(output)
+    assert proc.returncode != 0
+    assert elapsed < 60
+    assert "DistributedError: process 1 was killed by SIGKILL" in text
+    for pid in pids.values():  # nothing left behind
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+
+
+UNREACHABLE = textwrap.dedent("""
+    import titanax as tx
+    try:
+        tx.distributed.initialize(timeout_s=3)
+    except tx.DistributedError as e:
+        print("DistributedError:", e)
+        raise SystemExit(3)
+""")
+
+
+@pytest.mark.parametrize(
+    "process_id, message",
+    [
+        (1, "could not be reached within 3 s"),  # process 0 never started
+        (0, "1 of 2 processes joined within 3 s; process_id 1 never came"),
+    ],  # a wrong count
+)
+def test_start_up_failures_are_clear_errors(process_id, message):
+    port = __import__("titanax.launch.runner", fromlist=["free_port"]).free_port()
+    env = {
+        **ENV,
+        "TITANAX_COORDINATOR": f"127.0.0.1:{port}",
+        "TITANAX_NUM_PROCESSES": "2",
+        "TITANAX_PROCESS_ID": str(process_id),
+        "JAX_PLATFORMS": "cpu",
+    }
+    start = time.monotonic()
+    done = subprocess.run(
+        [sys.executable, "-c", UNREACHABLE], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 3, done.stdout + done.stderr[-2000:]
+    seen = f"coordinator='127.0.0.1:{port}', num_processes=2, process_id={process_id}"
+    assert seen in done.stdout and message in done.stdout
+    assert time.monotonic() - start < 60

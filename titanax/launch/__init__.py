@@ -1,0 +1,1 @@
+"""The ``titanax`` command: ``titanax launch`` and friends."""
