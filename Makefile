@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 EXTRAS ?= dev,examples
 
-.PHONY: setup test example lint typecheck bench clean
+.PHONY: setup test example lint typecheck bench docs clean
 
 setup: $(STAMP)
 
@@ -35,6 +35,9 @@ typecheck: setup
 
 bench: setup
 	$(BIN)/python -m pytest -q -s tests/benchmarks
+
+docs: setup
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --site-dir site
 
 clean:
 	rm -rf $(VENV) .cache build dist *.egg-info

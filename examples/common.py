@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 from collections.abc import Callable
@@ -88,17 +87,27 @@ def run(
     desc: str | None = None,
     checkpoints: Checkpoints | None = None,
     metrics_path: str | None = None,
+    examples_per_step: int | None = None,
+    tokens_per_step: int | None = None,
 ) -> tuple[Any, list[float]]:
     """The user's loop, as plain as it gets: ``state, metrics = step(state, batch)``.
 
     Runs steps ``start .. steps - 1`` (``next_batch(i)`` gives batch ``i``) and
     returns the final state and every step's loss. ``desc`` shows a progress
-    bar and ``metrics_path`` gets one JSON line per step (both on process 0 only).
-    Losses stay on the device until the end, so the loop never waits on them.
+    bar; ``metrics_path`` gets one JSON line per step (loss and throughput) through
+    ``tx.metrics``. Both happen on process 0 only.
     """
     import jax
 
+    import titanax as tx
+
     desc = desc if jax.process_index() == 0 else None
+    logger = None
+    if metrics_path:
+        throughput = tx.metrics.Throughput(
+            examples_per_step=examples_per_step, tokens_per_step=tokens_per_step
+        )
+        logger = tx.metrics.Logger(tx.metrics.JSONL(metrics_path), throughput=throughput)
     loop: Any = range(start, steps)
     if desc is not None:
         from tqdm import tqdm
@@ -108,15 +117,14 @@ def run(
     for i in loop:
         state, metrics = step(state, next_batch(i))
         losses.append(metrics["loss"])
+        if logger is not None:
+            logger.log(i + 1, metrics)
         if checkpoints is not None:
             checkpoints(i + 1, state, steps)
         if desc is not None and i % 10 == 0:
             loop.set_postfix(loss=f"{float(metrics['loss']):.4f}")
     if checkpoints is not None:
         checkpoints.close()
-    values = [float(v) for v in losses]
-    if metrics_path and jax.process_index() == 0:
-        with open(metrics_path, "a") as f:
-            for i, v in enumerate(values, start=start + 1):
-                f.write(json.dumps({"step": i, "loss": v}) + "\n")
-    return state, values
+    if logger is not None:
+        logger.close()
+    return state, [float(v) for v in losses]

@@ -14,10 +14,17 @@ import os as _os
 _os.environ.setdefault("NPROC", str(max(32, _os.cpu_count() or 1)))
 
 # ruff: noqa: E402
-from titanax import checkpoint, data, distributed  # tx.checkpoint.Manager, tx.data.Loader, ...
+from titanax import (
+    checkpoint,
+    data,
+    distributed,
+    metrics,
+    testing,
+)  # tx.checkpoint.Manager, tx.data.Loader, ...
 from titanax.errors import (
     CheckpointError,
     CollectiveError,
+    ConfigError,
     DataError,
     DistributedError,
     MeshError,
@@ -79,6 +86,8 @@ __all__ = [
     "checkpoint",
     "data",
     "distributed",
+    "metrics",
+    "testing",
     # errors
     "TitanaxError",
     "MeshError",
@@ -89,4 +98,5 @@ __all__ = [
     "CheckpointError",
     "DistributedError",
     "DataError",
+    "ConfigError",
 ]

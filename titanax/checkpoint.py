@@ -3,7 +3,7 @@
 Orbax does the storage (tensorstore, atomic commits, async saves); Titanax adds
 what a parallel training run needs around it: the mesh a checkpoint was written
 on, a description of every leaf so that a mismatched restore is a clear
-:class:`~titanax.CheckpointError` rather than a deep traceback, JSON metadata
+`CheckpointError` rather than a deep traceback, JSON metadata
 for the data position, and restores that lay every array out as ``like`` says,
 whatever mesh it was saved from. Nothing is pickled: loading never runs code.
 """
@@ -222,7 +222,7 @@ class Manager:
         """Restores a step (the newest by default) laid out as ``like``.
 
         ``like`` is a state of the same structure: placed arrays, or
-        ``jax.ShapeDtypeStruct`` leaves with shardings (:func:`abstract`). Every
+        ``jax.ShapeDtypeStruct`` leaves with shardings (`abstract`). Every
         array comes back with the sharding of its ``like`` leaf, whatever the
         mesh it was saved from: a state saved under ``data=4, model=2``
         restores under ``data=2, model=4``, ``data=8`` or one device.

@@ -30,9 +30,9 @@ class Loader:
       seed: the shuffle of epoch ``e`` is a function of ``(seed, e)`` only.
       shuffle: shuffle each epoch (else keep the order).
       sharding: a ``jax.sharding.Sharding`` (or a pytree of them, one per leaf)
-        to yield global ``jax.Array``\\ s laid out for a plan; ``None`` yields
+        to yield global ``jax.Array``s laid out for a plan; ``None`` yields
         host arrays.
-      position: a :meth:`state` to resume from.
+      position: a `state` to resume from.
 
     The last partial batch of an epoch is dropped, so every batch has
     ``batch_size`` rows.

@@ -4,16 +4,16 @@
 Titanax's environment variables (set by ``titanax launch``) or lets JAX detect
 SLURM, Open MPI and Kubernetes; on CPU it selects gloo for collectives; it
 passes the two timeouts that keep a failure from hanging a job; and it turns
-JAX's start-up failures into :class:`~titanax.DistributedError`\\ s that say
+JAX's start-up failures into `DistributedError`s that say
 what was seen and what to do. With one process, no call is needed at all.
 
 Environment (what ``titanax launch`` sets for each process):
 
-=========================  ==============================================
-``TITANAX_COORDINATOR``    ``host:port`` of process 0's coordinator
-``TITANAX_NUM_PROCESSES``  the number of processes
-``TITANAX_PROCESS_ID``     this process's index, ``0 .. N - 1``
-=========================  ==============================================
+| variable | meaning |
+|---|---|
+| ``TITANAX_COORDINATOR`` | ``host:port`` of process 0's coordinator |
+| ``TITANAX_NUM_PROCESSES`` | the number of processes |
+| ``TITANAX_PROCESS_ID`` | this process's index, ``0 .. N - 1`` |
 """
 
 from __future__ import annotations
@@ -162,7 +162,7 @@ def _preflight(coordinator: str, num_processes: int, process_id: int, timeout_s:
 
     JAX's runtime ends a process that cannot join (a fatal abort in C++); this
     handshake on the next port (``coordinator port + 1``) turns the usual
-    start-up mistakes into a :class:`DistributedError` that can be read and caught.
+    start-up mistakes into a `DistributedError` that can be read and caught.
     """
     host, _, port_text = coordinator.rpartition(":")
     seen = f"coordinator={coordinator!r}, num_processes={num_processes}, process_id={process_id}"

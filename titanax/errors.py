@@ -1,7 +1,7 @@
 """Errors Titanax raises for user mistakes.
 
 Every error names what is at fault (argument, leaf path, axis) and how to fix
-it. All subclass :class:`TitanaxError`, itself a :class:`ValueError`, so code
+it. All subclass `TitanaxError`, itself a `ValueError`, so code
 that already catches ``ValueError`` keeps working.
 """
 
@@ -17,6 +17,7 @@ __all__ = [
     "CheckpointError",
     "DistributedError",
     "DataError",
+    "ConfigError",
 ]
 
 
@@ -54,3 +55,7 @@ class DistributedError(TitanaxError):
 
 class DataError(TitanaxError):
     """Data that cannot be batched or a data position that cannot be resumed."""
+
+
+class ConfigError(TitanaxError):
+    """A configuration with an unknown key or a value of the wrong type."""

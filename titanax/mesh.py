@@ -69,7 +69,7 @@ def mesh(devices: Sequence[jax.Device] | None = None, **axes: int) -> Mesh:
       **axes: axis name to size, in mesh order.
 
     Returns:
-      A :class:`jax.sharding.Mesh` whose axes are all ``AxisType.Explicit``.
+      A `jax.sharding.Mesh` whose axes are all ``AxisType.Explicit``.
 
     Raises:
       MeshError: no axes, an empty axis name, a size that is not a positive

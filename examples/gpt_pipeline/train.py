@@ -8,8 +8,9 @@ runs the blocks with a real schedule (``--schedule``, default 1F1B) inside a
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import math
+import os
 import sys
 from typing import Any
 
@@ -126,29 +127,54 @@ def train(
     return state, losses, val_loss
 
 
-def main(argv: list[str] | None = None) -> float:
-    import titanax.parallel.schedules as schedules
+@dataclasses.dataclass
+class Config:
+    """The example's settings; ``config.yaml`` beside this file holds the defaults."""
 
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--schedule", default="1f1b", choices=schedules.NAMES)
-    parser.add_argument("--data", type=int, default=2, help="data-parallel replicas")
-    parser.add_argument("--stages", type=int, default=4, help="devices along the stage axis")
-    parser.add_argument(
-        "--virtual-stages",
-        type=int,
-        default=1,
-        help="stages per device (interleaved_1f1b: 2 or more)",
+    schedule: str = "1f1b"  # gpipe, 1f1b, interleaved_1f1b, zero_bubble
+    data: int = 2  # data-parallel replicas
+    stages: int = 4  # devices along the stage axis
+    virtual_stages: int = 1  # stages per device (interleaved_1f1b: 2 or more)
+    microbatches: int = 4  # per replica and step
+    devices: int = 8  # simulated CPU devices
+    steps: int = 150
+    batch_size: int = 16  # global batch (sequences)
+    lr: float = 1e-3
+    d_model: int = 256
+    heads: int = 4
+    seq_len: int = 128
+    seed: int = 0
+
+
+CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "config.yaml")
+
+
+def build(cfg: Config) -> tuple[Any, tuple[Any, ...]]:
+    """The training step and example arguments, for ``titanax explain`` (nothing trains)."""
+    import jax
+
+    import titanax as tx
+
+    v = max(cfg.virtual_stages, 2) if cfg.schedule == "interleaved_1f1b" else cfg.virtual_stages
+    mesh = tx.mesh(devices=jax.devices()[: cfg.data * cfg.stages], data=cfg.data, stage=cfg.stages)
+    gcfg = gpt.GPTConfig(
+        seq_len=cfg.seq_len, d_model=cfg.d_model, heads=cfg.heads, layers=cfg.stages * v
     )
-    parser.add_argument("--microbatches", type=int, default=4, help="per replica and step")
-    parser.add_argument("--devices", type=int, default=8, help="simulated CPU devices")
-    parser.add_argument("--steps", type=int, default=150)
-    parser.add_argument("--batch-size", type=int, default=16, help="global batch (sequences)")
-    parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--d-model", type=int, default=256)
-    parser.add_argument("--heads", type=int, default=4)
-    parser.add_argument("--seq-len", type=int, default=128)
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
+    step, _ = make_steps(
+        gcfg, mesh, schedule=cfg.schedule, microbatches=cfg.microbatches, virtual_stages=v
+    )
+    state = tx.TrainState.create(
+        to_pipeline(gpt.init(jax.random.key(cfg.seed), gcfg)), make_optimizer(cfg.lr, cfg.steps)
+    )
+    return step, (state, np.zeros((cfg.batch_size, cfg.seq_len + 1), np.int32))
+
+
+def main(argv: list[str] | None = None) -> float:
+    """``train.py [--config FILE] [--set key=value ...] [--key value ...]``."""
+    import titanax.parallel.schedules as schedules
+    from titanax.launch.config import from_argv
+
+    args = from_argv(Config, sys.argv[1:] if argv is None else argv, default=CONFIG)
     if args.schedule == "interleaved_1f1b" and args.virtual_stages < 2:
         args.virtual_stages = 2
 
@@ -159,7 +185,7 @@ def main(argv: list[str] | None = None) -> float:
 
     n = args.data * args.stages
     if len(jax.devices()) < n:
-        parser.error(f"data={args.data} x stages={args.stages} needs {n} devices")
+        raise SystemExit(f"data={args.data} x stages={args.stages} needs {n} devices")
     mesh = tx.mesh(devices=jax.devices()[:n], data=args.data, stage=args.stages)
     layers = args.stages * args.virtual_stages  # one block per stage
     cfg = gpt.GPTConfig(seq_len=args.seq_len, d_model=args.d_model, heads=args.heads, layers=layers)

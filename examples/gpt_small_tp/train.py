@@ -2,12 +2,15 @@
 ``tx.tensor_parallel``) on the prose of Python's own documentation (no download).
 
     python examples/gpt_small_tp/train.py --mesh data=2,model=4 --steps 200
+
+Settings come from ``config.yaml`` beside this file, overridden by ``--set key=value``.
 """
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import math
+import os
 import sys
 from typing import Any
 
@@ -112,6 +115,8 @@ def train(
         desc="train" if progress else None,
         checkpoints=ckpt,
         metrics_path=metrics_path,
+        examples_per_step=batch_size,
+        tokens_per_step=batch_size * cfg.seq_len,
     )
     valid = validation_batches(valid_data, cfg, eval_batches, batch_size)
     val_loss = float(np.mean([float(evaluate(state.params, mine(b))) for b in valid]))
@@ -128,22 +133,51 @@ def parse_mesh(text: str) -> dict[str, int]:
     }
 
 
+@dataclasses.dataclass
+class Config:
+    """The example's settings; ``config.yaml`` beside this file holds the defaults."""
+
+    mesh: str = "data=2,model=4"  # axis sizes
+    devices: int = 8  # simulated CPU devices
+    steps: int = 200
+    batch_size: int = 16  # global batch (sequences)
+    lr: float = 1e-3
+    layers: int = 4
+    d_model: int = 256
+    heads: int = 4
+    seq_len: int = 128
+    seed: int = 0
+    checkpoint_dir: str | None = None  # save here; resume from the newest checkpoint
+    save_every: int = 0  # steps between checkpoints (0: only at the end)
+    metrics: str | None = None  # append one JSON line per step here
+
+
+CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "config.yaml")
+
+
+def build(cfg: Config) -> tuple[Any, tuple[Any, ...]]:
+    """The training step and example arguments, for ``titanax explain`` (nothing trains)."""
+    import jax
+
+    import titanax as tx
+
+    axes = parse_mesh(cfg.mesh)
+    mesh = tx.mesh(devices=jax.devices()[: math.prod(axes.values())], **axes)
+    gcfg = gpt.GPTConfig(
+        seq_len=cfg.seq_len, d_model=cfg.d_model, heads=cfg.heads, layers=cfg.layers
+    )
+    step, _ = make_steps(gcfg, mesh)
+    state = tx.TrainState.create(
+        gpt.init(jax.random.key(cfg.seed), gcfg), make_optimizer(cfg.lr, cfg.steps)
+    )
+    return step, (state, np.zeros((cfg.batch_size, cfg.seq_len + 1), np.int32))
+
+
 def main(argv: list[str] | None = None) -> float:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--mesh", default="data=2,model=4", help="axis sizes, e.g. data=2,model=4")
-    parser.add_argument("--devices", type=int, default=8, help="simulated CPU devices")
-    parser.add_argument("--steps", type=int, default=200)
-    parser.add_argument("--batch-size", type=int, default=16, help="global batch (sequences)")
-    parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--d-model", type=int, default=256)
-    parser.add_argument("--heads", type=int, default=4)
-    parser.add_argument("--seq-len", type=int, default=128)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--checkpoint-dir", default=None, help="save here; resume from newest")
-    parser.add_argument("--save-every", type=int, default=0, help="steps between checkpoints")
-    parser.add_argument("--metrics", default=None, help="append one JSON line per step here")
-    args = parser.parse_args(argv)
+    """``train.py [--config FILE] [--set key=value ...] [--key value ...]``."""
+    from titanax.launch.config import from_argv
+
+    args = from_argv(Config, sys.argv[1:] if argv is None else argv, default=CONFIG)
 
     import jax
 
@@ -153,7 +187,7 @@ def main(argv: list[str] | None = None) -> float:
     axes = parse_mesh(args.mesh)
     n = math.prod(axes.values())
     if len(jax.devices()) < n:
-        parser.error(f"--mesh {args.mesh} needs {n} devices; {len(jax.devices())} available")
+        raise SystemExit(f"mesh {args.mesh} needs {n} devices; {len(jax.devices())} available")
     mesh = tx.mesh(devices=jax.devices()[:n], **axes)
     cfg = gpt.GPTConfig(
         seq_len=args.seq_len, d_model=args.d_model, heads=args.heads, layers=args.layers

@@ -1,15 +1,15 @@
 """Handwritten digits with data parallelism: an MLP trained by ``tx.data_parallel``.
 
 By default it trains on the 8x8 digits that ship with scikit-learn (no download);
-``--data-dir`` reads the real MNIST files (``mnist.npz`` or the four IDX files,
-gzipped or not). ``--devices N`` simulates N CPU devices.
+``data_dir`` reads the real MNIST files (``mnist.npz`` or the four IDX files,
+gzipped or not). Settings come from ``config.yaml``, overridden on the command line:
 
-    python examples/mnist_dp/train.py --devices 8 --steps 300
+    python examples/mnist_dp/train.py --set steps=300 --devices 8
 """
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import gzip
 import os
 import struct
@@ -190,45 +190,71 @@ def train(
         desc="train" if progress else None,
         checkpoints=ckpt,
         metrics_path=metrics_path,
+        examples_per_step=batch_size,
     )
 
 
-def main(argv: list[str] | None = None) -> float:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--devices", type=int, default=8, help="simulated CPU devices")
-    parser.add_argument("--steps", type=int, default=300)
-    parser.add_argument("--batch-size", type=int, default=128, help="global batch")
-    parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--hidden", type=int, default=128)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--data-dir", default=None, help="real MNIST (mnist.npz or IDX files)")
-    parser.add_argument("--checkpoint-dir", default=None, help="save here; resume from newest")
-    parser.add_argument("--save-every", type=int, default=0, help="steps between checkpoints")
-    parser.add_argument("--metrics", default=None, help="append one JSON line per step here")
-    args = parser.parse_args(argv)
+@dataclasses.dataclass
+class Config:
+    """The example's settings; ``config.yaml`` beside this file holds the defaults."""
 
+    devices: int = 8  # simulated CPU devices (under `titanax launch`: all processes' devices)
+    steps: int = 300
+    batch_size: int = 128  # global batch
+    lr: float = 1e-3
+    hidden: int = 128
+    seed: int = 0
+    data_dir: str | None = None  # real MNIST (mnist.npz or the IDX files)
+    checkpoint_dir: str | None = None  # save here; resume from the newest checkpoint
+    save_every: int = 0  # steps between checkpoints (0: only at the end)
+    metrics: str | None = None  # append one JSON line per step here
+
+
+CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "config.yaml")
+
+
+def build(cfg: Config) -> tuple[Any, tuple[Any, ...]]:
+    """The training step and example arguments, for ``titanax explain`` (nothing trains)."""
     import jax
+    import optax
 
-    start(args.devices)  # devices, and the other processes under `titanax launch`
-    if len(jax.devices()) < args.devices:
-        parser.error(f"--devices {args.devices}: only {len(jax.devices())} devices available")
     import titanax as tx
 
-    data = load_mnist(args.data_dir) if args.data_dir else load_digits()
-    mesh = tx.mesh(devices=jax.devices()[: args.devices], data=-1)
+    mesh = tx.mesh(devices=jax.devices()[: cfg.devices], data=-1)
+    x, y = load_digits()[:2]
+    params = init_params(jax.random.key(cfg.seed), (x.shape[1], cfg.hidden, cfg.hidden, 10))
+    state = tx.TrainState.create(params, optax.adam(cfg.lr))
+    step = tx.data_parallel(train_step, axis="data", mesh=mesh)
+    return step, (state, (x[: cfg.batch_size], y[: cfg.batch_size]))
+
+
+def main(argv: list[str] | None = None) -> float:
+    """``train.py [--config FILE] [--set key=value ...] [--key value ...]``."""
+    from titanax.launch.config import from_argv
+
+    cfg = from_argv(Config, sys.argv[1:] if argv is None else argv, default=CONFIG)
+    import jax
+
+    start(cfg.devices)  # devices, and the other processes under `titanax launch`
+    if len(jax.devices()) < cfg.devices:
+        raise SystemExit(f"devices={cfg.devices}: only {len(jax.devices())} devices available")
+    import titanax as tx
+
+    data = load_mnist(cfg.data_dir) if cfg.data_dir else load_digits()
+    mesh = tx.mesh(devices=jax.devices()[: cfg.devices], data=-1)
     say(f"{len(data[0])} training / {len(data[2])} test examples; mesh {dict(mesh.shape)}")
     state, losses = train(
         mesh,
         data,
-        steps=args.steps,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        hidden=args.hidden,
-        seed=args.seed,
+        steps=cfg.steps,
+        batch_size=cfg.batch_size,
+        lr=cfg.lr,
+        hidden=cfg.hidden,
+        seed=cfg.seed,
         progress=True,
-        checkpoint_dir=args.checkpoint_dir,
-        save_every=args.save_every,
-        metrics_path=args.metrics,
+        checkpoint_dir=cfg.checkpoint_dir,
+        save_every=cfg.save_every,
+        metrics_path=cfg.metrics,
     )
     evaluate = tx.data_parallel(eval_step, axis="data", mesh=mesh, donate=False)
     acc = accuracy(evaluate, state.params, data[2], data[3], mesh.shape["data"])

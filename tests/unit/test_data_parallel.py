@@ -8,6 +8,7 @@ import pytest
 from hypothesis import given, settings
 
 import titanax as tx
+from titanax.testing import assert_matches_reference, meshes
 
 
 def loss_fn(params, batch):
@@ -61,23 +62,24 @@ def test_one_step_gradient_parity_1e6():
 
 @settings(max_examples=12, deadline=None)
 @given(
-    data_size=st.sampled_from([1, 2, 4, 8]),
-    devices=st.sampled_from([4, 8]),
+    mesh=meshes(axis_names=("data", "other"), max_axes=2),  # 1 to 8 devices, data of any size
     shapes=st.lists(
         st.lists(st.integers(1, 5), min_size=0, max_size=3).map(tuple), min_size=1, max_size=4
     ),
     rows_per_replica=st.integers(1, 3),
     adam=st.booleans(),
 )
-def test_data_parallel_equals_single_device(data_size, devices, shapes, rows_per_replica, adam):
-    if data_size > devices:
-        data_size = devices
-    mesh = tx.mesh(devices=jax.devices()[:devices], data=data_size, other=-1)
+def test_data_parallel_equals_single_device(mesh, shapes, rows_per_replica, adam):
     optimizer = optax.adam(0.05) if adam else optax.sgd(0.1)
-    b = batch(data_size * rows_per_replica * 2)
-    ref_state, ref_metrics = jax.jit(reference)(make(shapes, optimizer), b)
-    state, metrics = tx.data_parallel(step, mesh=mesh)(make(shapes, optimizer), b)
-    chex.assert_trees_all_close(state.params, ref_state.params, rtol=1e-6, atol=1e-6)
+    b = batch(mesh.shape["data"] * rows_per_replica * 2)
+    f, ref = tx.data_parallel(step, mesh=mesh), jax.jit(reference)
+    # every leaf of the state (params, optimizer state, step) and the loss, over two steps
+    assert_matches_reference(f, ref, make(shapes, optimizer), b, steps=2, rtol=1e-6, atol=1e-6)
+    # the loss also without an absolute tolerance, and the step count (both programs are cached)
+    (state, metrics), (_, ref_metrics) = (
+        f(make(shapes, optimizer), b),
+        ref(make(shapes, optimizer), b),
+    )
     chex.assert_trees_all_close(metrics["loss"], ref_metrics["loss"], rtol=1e-6)
     assert int(state.step) == 1
 

@@ -4,6 +4,7 @@ from hypothesis import given, settings
 
 import titanax as tx
 from titanax.parallel.schedules import Action, from_actions
+from titanax.testing import schedules
 
 small = dict(stages=st.integers(1, 6), microbatches=st.integers(1, 12))
 
@@ -44,14 +45,12 @@ def test_zero_bubble_beats_1f1b_with_its_memory(stages, microbatches):
 
 
 @settings(max_examples=60, deadline=None)
-@given(name=st.sampled_from(tx.schedules.NAMES), **small)
-def test_tables_validate_and_run_each_microbatch_once(name, stages, microbatches):
-    v = 2 if name == "interleaved_1f1b" else 1
-    m = microbatches * stages if v > 1 else microbatches
-    s = tx.schedules.get(name, stages=stages, microbatches=m, virtual_stages=v)
+@given(s=schedules(max_stages=6, max_microbatches=12))  # all four names; v in 2..3 when interleaved
+def test_tables_validate_and_run_each_microbatch_once(s):
     kinds = ("F", "B", "W") if s.split_backward else ("F", "B")
+    assert s.split_backward == (s.name == "zero_bubble")
     done = [a for acts in s.actions for a in acts]
-    assert len(done) == len(set(done)) == len(kinds) * m * stages * v
+    assert len(done) == len(set(done)) == len(kinds) * s.microbatches * s.stages * s.virtual_stages
     # the lockstep table the executor runs holds the same actions, each after its dependencies
     when = {a: t for t, row in enumerate(s.ticks) for a in row if a is not None}
     assert set(when) == set(done)

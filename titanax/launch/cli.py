@@ -46,5 +46,141 @@ def launch(
     raise typer.Exit(code)
 
 
+def _fail(error: Exception) -> None:
+    typer.echo(f"{type(error).__name__}: {error}", err=True)
+    raise typer.Exit(2)
+
+
+def _simulate(devices: int) -> None:
+    """Simulated CPU devices for commands that build meshes (before JAX starts)."""
+    import jax
+
+    try:
+        jax.config.update("jax_num_cpu_devices", devices)
+    except RuntimeError:  # JAX already started (e.g. the command runs inside a test)
+        pass
+
+
+@app.command()
+def schedule(
+    name: Annotated[str, typer.Argument(help="gpipe, 1f1b, interleaved_1f1b or zero_bubble")],
+    stages: Annotated[int, typer.Option(help="devices along the pipeline axis")] = 4,
+    microbatches: Annotated[int, typer.Option(help="microbatches per step")] = 8,
+    virtual_stages: Annotated[int, typer.Option(help="stages per device")] = 1,
+    png: Annotated[str | None, typer.Option(help="also draw the timeline to this PNG")] = None,
+) -> None:
+    """Print a pipeline schedule's timeline and its bubble and memory figures."""
+    from titanax.errors import TitanaxError
+    from titanax.parallel import schedules
+
+    try:
+        s = schedules.get(
+            name, stages=stages, microbatches=microbatches, virtual_stages=virtual_stages
+        )
+    except TitanaxError as e:
+        _fail(e)
+    typer.echo(s.render())
+    typer.echo(
+        f"\n{name}: stages={stages}, microbatches={microbatches}, virtual_stages="
+        f"{virtual_stages}\nbubble fraction {s.bubble_fraction:.3f} (time units F=1, "
+        f"B=2{', B=W=1 split' if s.split_backward else ''}); lockstep ticks {len(s.ticks)}, "
+        f"idle {s.tick_bubble_fraction:.3f}\nactivations held per device {s.peak_in_flight}"
+    )
+    if png:
+        s.render_png(png)
+        typer.echo(f"timeline drawn to {png}")
+
+
+@app.command()
+def mesh(
+    axes: Annotated[
+        list[str], typer.Argument(help="axis=size pairs in order, e.g. data=2 model=4")
+    ],
+    devices: Annotated[int, typer.Option(help="simulated CPU devices")] = 8,
+) -> None:
+    """Show the device grid tx.mesh(...) builds: which device sits where."""
+    _simulate(devices)
+    import numpy as np
+
+    import titanax as tx
+
+    sizes = {}
+    for item in axes:
+        key, sep, value = item.partition("=")
+        if not sep:
+            _fail(ValueError(f"axis {item!r} must look like name=size, e.g. data=2"))
+        try:
+            sizes[key] = int(value)
+        except ValueError:
+            _fail(ValueError(f"axis {item!r}: the size must be an integer"))
+    try:
+        m = tx.mesh(None, **sizes)
+    except tx.TitanaxError as e:
+        _fail(e)
+    names = m.axis_names
+    typer.echo(
+        "mesh " + " x ".join(f"{a}={m.shape[a]}" for a in names) + f" ({m.devices.size} devices)"
+    )
+    grid = np.vectorize(
+        lambda d: f"{d.id}" + (f"@p{d.process_index}" if jax_processes() > 1 else "")
+    )(m.devices)
+    grid = grid.reshape(-1, grid.shape[-1]) if grid.ndim > 1 else grid.reshape(1, -1)
+    lead = names[:-1]
+    typer.echo(f"rows: {' x '.join(lead) if lead else '-'}; columns: {names[-1]}")
+    for r, row in enumerate(grid):
+        label = (
+            ""
+            if not lead
+            else "  "
+            + ",".join(f"{a}={i}" for a, i in zip(lead, np.unravel_index(r, m.devices.shape[:-1])))
+        )
+        typer.echo(" ".join(f"{c:>4}" for c in row) + label)
+
+
+def jax_processes() -> int:
+    import jax
+
+    return jax.process_count()
+
+
+@app.command()
+def explain(
+    config: Annotated[str, typer.Argument(help="an example's config.yaml (train.py beside it)")],
+    overrides: Annotated[list[str] | None, typer.Option("--set", help="key.path=value")] = None,
+    devices: Annotated[int, typer.Option(help="simulated CPU devices")] = 8,
+) -> None:
+    """Print the layout table and the collectives of an example's step, without training.
+
+    CONFIG is a YAML config; the ``train.py`` beside it defines ``Config`` and
+    ``build(config) -> (step, args)``.
+    """
+    _simulate(devices)
+    import importlib.util
+    import os
+    import sys
+
+    from titanax.errors import TitanaxError
+    from titanax.launch.config import load
+
+    script = os.path.join(os.path.dirname(os.path.abspath(config)), "train.py")
+    if not os.path.exists(config) or not os.path.exists(script):
+        _fail(FileNotFoundError(f"{config}: need a config file with a train.py beside it"))
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(script))))
+    sys.path.insert(0, root)  # examples import each other as `examples.*`
+    spec = importlib.util.spec_from_file_location("titanax_explained", script)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while building
+    spec.loader.exec_module(module)
+    if not hasattr(module, "build") or not hasattr(module, "Config"):
+        _fail(AttributeError(f"{script} defines no Config and build(config)"))
+    try:
+        cfg = load(module.Config, config, overrides or [])
+        step, args = module.build(cfg)
+        typer.echo(step.explain(*args))
+    except TitanaxError as e:
+        _fail(e)
+
+
 if __name__ == "__main__":
     app()

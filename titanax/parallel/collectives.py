@@ -3,13 +3,12 @@
 ``tx.psum`` and friends compute exactly what their ``jax.lax`` namesakes do,
 but first check that the axis is bound by an enclosing Titanax transform, so
 that a typo or a collective in the wrong place is a clear
-:class:`~titanax.CollectiveError` rather than an ``unbound axis name``.
+`CollectiveError` rather than an ``unbound axis name``.
 
 Axes bound by JAX itself (``jax.vmap(..., axis_name=...)``, a hand-written
 ``jax.shard_map``) are accepted as well.
 
-Example:
-
+Examples:
   >>> import jax, jax.numpy as jnp, titanax as tx
   >>> mesh = tx.mesh(data=8)
   >>> @tx.data_parallel(axis="data", mesh=mesh)
@@ -130,28 +129,28 @@ def _check(fn: str, axis_name: AxisName) -> bool:
 
 
 def psum(x: Any, axis_name: AxisName) -> Any:
-    """Sum of ``x`` over ``axis_name``; as :func:`jax.lax.psum`."""
+    """Sum of ``x`` over ``axis_name``; as `jax.lax.psum`."""
     if _check("psum", axis_name):
         return x
     return jax.lax.psum(x, axis_name)
 
 
 def pmean(x: Any, axis_name: AxisName) -> Any:
-    """Mean of ``x`` over ``axis_name``; as :func:`jax.lax.pmean`."""
+    """Mean of ``x`` over ``axis_name``; as `jax.lax.pmean`."""
     if _check("pmean", axis_name):
         return x
     return jax.lax.pmean(x, axis_name)
 
 
 def pmax(x: Any, axis_name: AxisName) -> Any:
-    """Maximum of ``x`` over ``axis_name``; as :func:`jax.lax.pmax`."""
+    """Maximum of ``x`` over ``axis_name``; as `jax.lax.pmax`."""
     if _check("pmax", axis_name):
         return x
     return jax.lax.pmax(x, axis_name)
 
 
 def all_gather(x: Any, axis_name: AxisName, *, axis: int = 0, tiled: bool = False) -> Any:
-    """Gathers ``x`` from every member of ``axis_name``; as :func:`jax.lax.all_gather`."""
+    """Gathers ``x`` from every member of ``axis_name``; as `jax.lax.all_gather`."""
     if _check("all_gather", axis_name):
         return x if tiled else jax.tree.map(lambda v: jnp.expand_dims(v, axis), x)
     return jax.lax.all_gather(x, axis_name, axis=axis, tiled=tiled)
@@ -160,14 +159,14 @@ def all_gather(x: Any, axis_name: AxisName, *, axis: int = 0, tiled: bool = Fals
 def psum_scatter(
     x: Any, axis_name: AxisName, *, scatter_dimension: int = 0, tiled: bool = False
 ) -> Any:
-    """Sums ``x`` over ``axis_name`` and keeps this member's slice; as :func:`jax.lax.psum_scatter`."""
+    """Sums ``x`` over ``axis_name`` and keeps this member's slice; as `jax.lax.psum_scatter`."""
     if _check("psum_scatter", axis_name):
         return x if tiled else jnp.squeeze(x, scatter_dimension)
     return jax.lax.psum_scatter(x, axis_name, scatter_dimension=scatter_dimension, tiled=tiled)
 
 
 def ppermute(x: Any, axis_name: AxisName, perm: Sequence[tuple[int, int]]) -> Any:
-    """Sends ``x`` between members of ``axis_name`` by ``perm``; as :func:`jax.lax.ppermute`."""
+    """Sends ``x`` between members of ``axis_name`` by ``perm``; as `jax.lax.ppermute`."""
     if _check("ppermute", axis_name):
         return x if (0, 0) in [tuple(p) for p in perm] else jax.tree.map(jnp.zeros_like, x)
     return jax.lax.ppermute(x, axis_name, perm)
@@ -176,21 +175,21 @@ def ppermute(x: Any, axis_name: AxisName, perm: Sequence[tuple[int, int]]) -> An
 def all_to_all(
     x: Any, axis_name: AxisName, split_axis: int, concat_axis: int, *, tiled: bool = False
 ) -> Any:
-    """Splits, exchanges and concatenates ``x`` over ``axis_name``; as :func:`jax.lax.all_to_all`."""
+    """Splits, exchanges and concatenates ``x`` over ``axis_name``; as `jax.lax.all_to_all`."""
     if _check("all_to_all", axis_name):
         return x if tiled else jnp.moveaxis(x, split_axis, concat_axis)
     return jax.lax.all_to_all(x, axis_name, split_axis, concat_axis, tiled=tiled)
 
 
 def axis_index(axis_name: AxisName) -> jax.Array:
-    """This member's index along ``axis_name``; as :func:`jax.lax.axis_index`."""
+    """This member's index along ``axis_name``; as `jax.lax.axis_index`."""
     if _check("axis_index", axis_name):
         return jnp.zeros((), jnp.int32)
     return jax.lax.axis_index(axis_name)
 
 
 def axis_size(axis_name: AxisName) -> int:
-    """The number of members of ``axis_name``; as :func:`jax.lax.axis_size`."""
+    """The number of members of ``axis_name``; as `jax.lax.axis_size`."""
     if _check("axis_size", axis_name):
         return 1
     return jax.lax.axis_size(axis_name)

@@ -99,7 +99,7 @@ def data_parallel(
     Outputs shaped like a non-batch argument (the new state) take its layout;
     every other output is replicated. On the first call, Titanax checks that
     the replicas agree on every output: a forgotten reduction is a
-    :class:`~titanax.PlanError` naming the leaves, never a silent pick of one
+    `PlanError` naming the leaves, never a silent pick of one
     replica.
 
     Args:
@@ -112,7 +112,7 @@ def data_parallel(
         step updates it in place.
 
     Returns:
-      A :class:`~titanax.ParallelFunction`.
+      A `ParallelFunction`.
 
     Raises:
       PlanError: a bad ``axis``, ``mesh`` or ``batch_argnums``; at call time, a

@@ -1,7 +1,7 @@
 """Collectives in a compiled program: kind, mesh axes and bytes, read from the HLO text.
 
 This is how Titanax makes communication a checked fact: ``ParallelFunction.explain``
-lists what :func:`collectives` finds, and the tests count it.
+lists what `collectives` finds, and the tests count it.
 """
 
 from __future__ import annotations

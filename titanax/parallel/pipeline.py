@@ -1,4 +1,4 @@
-"""``tx.pipeline``: pipeline parallelism that runs a :class:`~titanax.Schedule` in one SPMD program.
+"""``tx.pipeline``: pipeline parallelism that runs a `Schedule` in one SPMD program.
 
 The schedule's lockstep table becomes integer tables (per tick, per device: what to
 do, on which microbatch and stage, in which buffer slot). One ``lax.scan`` over the
@@ -351,7 +351,7 @@ def pipeline(
     Args:
       stages: the stage function.
       schedule: ``"gpipe"``, ``"1f1b"``, ``"interleaved_1f1b"``, ``"zero_bubble"``,
-        or a :class:`~titanax.Schedule`.
+        or a `Schedule`.
       microbatches: microbatches per call.
       axis: the mesh axis the stages are spread over.
       loss: ``loss(loss_params, y, targets) -> scalar``, applied after the last stage.

@@ -1,5 +1,5 @@
 """Plans and ``ParallelFunction``: every transform of a stack contributes a
-:class:`Layer` to one :class:`Plan`, compiled once as
+`Layer` to one `Plan`, compiled once as
 ``jax.jit(jax.shard_map(body, axis_names=manual_axes, ...))``.
 """
 
@@ -68,7 +68,7 @@ class Plan:
     """The merged contributions of a stack of transforms.
 
     Attributes:
-      layers: one :class:`Layer` per transform, innermost first.
+      layers: one `Layer` per transform, innermost first.
       mesh: the mesh named by the layers, or ``None`` to take the one set
         with ``jax.set_mesh`` when the function is called.
     """
@@ -449,7 +449,7 @@ class ParallelFunction:
 
     Attributes:
       fun: the wrapped step function.
-      plan: the merged :class:`Plan`.
+      plan: the merged `Plan`.
     """
 
     def __init__(self, fun: Callable[..., Any], plan: Plan):

@@ -250,7 +250,7 @@ class Rules:
         """A table of every leaf's path, shape, spec and bytes per device.
 
         Raises:
-          RuleError: as :meth:`specs`.
+          RuleError: as `specs`.
         """
         specs = jax.tree_util.tree_leaves(
             self.specs(tree, mesh), is_leaf=lambda s: isinstance(s, PartitionSpec)
@@ -261,7 +261,7 @@ class Rules:
 def layout_table(
     paths_leaves: list[tuple[str, Any]], specs: list[PartitionSpec], mesh: Mesh
 ) -> Report:
-    """The layout table of :meth:`Rules.explain` (shared with ``ParallelFunction.explain``)."""
+    """The layout table of `Rules.explain` (shared with ``ParallelFunction.explain``)."""
     rows = []
     for (path, leaf), spec in zip(paths_leaves, specs):
         shape = shape_of(leaf)

@@ -1,9 +1,9 @@
 """Pipeline schedules as data: per device, the ordered actions ``F``, ``B``, ``W``.
 
-A :class:`Schedule` is built in pure Python before anything is traced, so it can be
-checked, measured and drawn without a model: :meth:`Schedule.validate`,
-:attr:`Schedule.bubble_fraction`, :attr:`Schedule.peak_in_flight`,
-:meth:`Schedule.render`. The pipeline executor replays it in one SPMD program.
+A `Schedule` is built in pure Python before anything is traced, so it can be
+checked, measured and drawn without a model: `Schedule.validate`,
+`Schedule.bubble_fraction`, `Schedule.peak_in_flight`,
+`Schedule.render`. The pipeline executor replays it in one SPMD program.
 
 Model stage ``s`` lives on device ``s % stages``: with ``virtual_stages = v``, device
 ``d`` holds stages ``d, d + p, ..., d + (v - 1) p`` (Megatron's interleaving).
@@ -52,7 +52,7 @@ class Schedule:
       stages: devices along the pipeline axis (``p``).
       microbatches: microbatches per step (``m``).
       virtual_stages: model stages per device (``v``).
-      actions: one tuple of :class:`Action` per device, in execution order.
+      actions: one tuple of `Action` per device, in execution order.
 
     Examples:
       >>> import titanax as tx
@@ -378,7 +378,7 @@ def get(name: str, *, stages: int, microbatches: int, virtual_stages: int = 1) -
       virtual_stages: model stages per device (``v``); ``interleaved_1f1b`` needs ``v >= 2``.
 
     Returns:
-      A validated :class:`Schedule`.
+      A validated `Schedule`.
 
     Raises:
       ScheduleError: an unknown name (the allowed ones are listed), sizes that

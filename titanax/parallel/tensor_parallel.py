@@ -69,21 +69,21 @@ def tensor_parallel(
     and one of its gradient backward. Optimizer state follows its parameter,
     since its path ends with the parameter's path. Batch arguments are
     replicated along ``axis``. Pin an activation's layout with
-    :func:`tx.constrain <titanax.constrain>`; collectives over ``axis`` are
+    `tx.constrain`; collectives over ``axis`` are
     not written by hand (the body is not per-shard).
 
-    Composes with :func:`~titanax.data_parallel` in either order: one program,
+    Composes with `data_parallel` in either order: one program,
     manual over the data axis only.
 
     Args:
-      rules: a :class:`~titanax.Rules` whose specs name only ``axis``.
+      rules: a `Rules` whose specs name only ``axis``.
       axis: the mesh axis to shard over.
       mesh: the mesh; defaults to one given to another transform of the stack,
         or set with ``jax.set_mesh``.
       batch_argnums: positions of the batch arguments (replicated along ``axis``).
 
     Returns:
-      A decorator: ``tensor_parallel(rules)(step)`` is a :class:`~titanax.ParallelFunction`.
+      A decorator: ``tensor_parallel(rules)(step)`` is a `ParallelFunction`.
 
     Raises:
       RuleError: at call time, leaves no rule matches, specs that do not fit
