@@ -47,8 +47,9 @@ from titanax.parallel.collectives import (
     psum_scatter,
 )
 from titanax.parallel.data_parallel import data_parallel
+from titanax.parallel.function import ParallelFunction
 from titanax.parallel.pipeline import pipeline
-from titanax.parallel.plan import ParallelFunction, Plan
+from titanax.parallel.plan import Plan
 from titanax.parallel.rules import Rules
 from titanax.parallel.schedules import Action, Schedule
 from titanax.parallel.tensor_parallel import constrain, tensor_parallel

@@ -73,8 +73,11 @@ def test_data_parallel_equals_single_device(mesh, shapes, rows_per_replica, adam
     optimizer = optax.adam(0.05) if adam else optax.sgd(0.1)
     b = batch(mesh.shape["data"] * rows_per_replica * 2)
     f, ref = tx.data_parallel(step, mesh=mesh), jax.jit(reference)
-    # every leaf of the state (params, optimizer state, step) and the loss, over two steps
-    assert_matches_reference(f, ref, make(shapes, optimizer), b, steps=2, rtol=1e-6, atol=1e-6)
+    # every leaf of the state (params, optimizer state, step) and the loss: one step to 1e-6,
+    # two steps to 1e-5 (Adam divides by the root of tiny second moments, so rounding
+    # differences of the summed gradients grow to ~1e-6 absolute by its second update)
+    assert_matches_reference(f, ref, make(shapes, optimizer), b, steps=1, rtol=1e-6, atol=1e-6)
+    assert_matches_reference(f, ref, make(shapes, optimizer), b, steps=2, rtol=1e-5, atol=1e-5)
     # the loss also without an absolute tolerance, and the step count (both programs are cached)
     (state, metrics), (_, ref_metrics) = (
         f(make(shapes, optimizer), b),

@@ -10,14 +10,8 @@ from jax.sharding import Mesh, PartitionSpec
 
 from titanax._util import bullets, count, leaves_with_paths, shape_of
 from titanax.errors import PlanError
-from titanax.parallel.plan import (
-    ArgInfo,
-    Layer,
-    ParallelFunction,
-    apply_layer,
-    check_axis,
-    normalize_argnums,
-)
+from titanax.parallel.function import ParallelFunction, apply_layer
+from titanax.parallel.plan import ArgInfo, Layer, check_axis, normalize_argnums
 
 __all__ = ["data_parallel"]
 

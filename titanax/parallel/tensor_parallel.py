@@ -12,14 +12,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from titanax._util import bullets, count, leaves_with_paths
 from titanax.errors import PlanError, RuleError
 from titanax.parallel.collectives import bound_axes
-from titanax.parallel.plan import (
-    ArgInfo,
-    Layer,
-    ParallelFunction,
-    apply_layer,
-    check_axis,
-    normalize_argnums,
-)
+from titanax.parallel.function import ParallelFunction, apply_layer
+from titanax.parallel.plan import ArgInfo, Layer, check_axis, normalize_argnums
 from titanax.parallel.rules import Rules, spec_axes
 
 __all__ = ["tensor_parallel", "constrain"]

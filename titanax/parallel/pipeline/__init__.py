@@ -1,0 +1,215 @@
+"""``tx.pipeline``: pipeline parallelism that runs a `Schedule` in one SPMD program.
+
+The schedule's lockstep table becomes integer tables (per tick, per device: what to
+do, on which microbatch and stage, in which buffer slot). One ``lax.scan`` over the
+ticks runs them under ``shard_map`` over the stage axis: ``lax.switch`` picks the
+action, ``ppermute`` passes activations forward and gradients backward between
+ticks. The loop body is traced once, so compile time does not grow with the
+number of microbatches, and buffers hold only the microbatches in flight (1F1B: at
+most ``p`` per device).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any
+
+import jax
+from jax.sharding import AbstractMesh, AxisType, Mesh, PartitionSpec
+
+from titanax._util import shape_of
+from titanax.errors import ScheduleError
+from titanax.parallel.pipeline.executor import executor as _executor
+from titanax.parallel.pipeline.tables import Tables, compile_tables
+from titanax.parallel.schedules import NAMES, Schedule, get
+
+__all__ = ["pipeline", "compile_tables", "Tables"]
+
+P = PartitionSpec
+
+
+def pipeline(
+    stages: Callable[[Any, Any], Any],
+    /,
+    *,
+    schedule: str | Schedule = "1f1b",
+    microbatches: int,
+    axis: str = "stage",
+    loss: Callable[[Any, Any, Any], Any],
+    mesh: Mesh | None = None,
+    virtual_stages: int = 1,
+    remat: bool = False,
+) -> Callable[..., Any]:
+    """Pipeline parallelism: a value-and-grad transform that runs a schedule in one program.
+
+    ``stages(params, x) -> x`` is one stage of the model (the activation keeps its
+    shape and dtype); stage ``s`` runs with row ``s`` of ``stage_params``. The
+    returned ``pipe(stage_params, x, targets, loss_params=None)`` splits ``x`` and
+    ``targets`` into ``microbatches`` along their leading dimension and returns
+    ``(loss, (g_stage_params, g_x, g_loss_params))``, equal to
+    ``jax.value_and_grad`` of running the stages in order on each microbatch and
+    averaging ``loss(loss_params, y, targets)`` over the microbatches.
+
+    Stage ``s`` runs on device ``s % p`` of the ``axis`` (``p`` devices, each
+    holding ``virtual_stages`` stages). Activations travel forward and
+    gradients backward with ``ppermute``; the schedule decides the order. Call
+    ``pipe`` anywhere: at top level, or inside a ``data_parallel`` step (mesh
+    ``data x stage``) where it sees the replica's batch, with tensor-parallel
+    stage parameters (mesh ``stage x model``), or both.
+
+    Args:
+      stages: the stage function.
+      schedule: ``"gpipe"``, ``"1f1b"``, ``"interleaved_1f1b"``, ``"zero_bubble"``,
+        or a `Schedule`.
+      microbatches: microbatches per call.
+      axis: the mesh axis the stages are spread over.
+      loss: ``loss(loss_params, y, targets) -> scalar``, applied after the last stage.
+      mesh: the mesh, when ``pipe`` is called outside a Titanax step; defaults
+        to the one set with ``jax.set_mesh``.
+      virtual_stages: stages per device (``interleaved_1f1b`` needs 2 or more).
+      remat: keep only each stage's input per microbatch in flight and recompute
+        its forward in the backward pass, instead of keeping its residuals.
+
+    Returns:
+      ``pipe(stage_params, x, targets, loss_params=None)``.
+
+    Raises:
+      ScheduleError: an unknown schedule name (the allowed ones are listed);
+        at call time, ``stage_params`` with a number of rows other than the
+        axis size times ``virtual_stages``, microbatches that do not divide
+        the batch, or fewer microbatches than the schedule needs.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp, titanax as tx
+      >>> mesh = tx.mesh(stage=4, rest=2)
+      >>> pipe = tx.pipeline(lambda w, x: jnp.tanh(x @ w), schedule="1f1b", microbatches=8,
+      ...                    loss=lambda _, y, t: jnp.mean((y - t) ** 2), mesh=mesh)
+      >>> w = jnp.stack([jnp.eye(3) * 0.5] * 4)            # 4 stages, stacked
+      >>> x, t = jnp.ones((16, 3)), jnp.zeros((16, 3))
+      >>> loss, (g_w, g_x, _) = pipe(w, x, t)
+      >>> def sequential(w, x):
+      ...     for s in range(4):
+      ...         x = jnp.tanh(x @ w[s])
+      ...     return jnp.mean(x ** 2)
+      >>> bool(jnp.allclose(g_w, jax.grad(sequential)(w, x), rtol=1e-5))
+      True
+    """
+    if isinstance(schedule, str) and schedule not in NAMES:
+        allowed = ", ".join(repr(n) for n in NAMES)
+        raise ScheduleError(f"schedule must be one of {allowed}; got {schedule!r}.")
+    if not isinstance(schedule, (str, Schedule)):
+        raise ScheduleError(f"schedule must be a name or a tx.Schedule, got {schedule!r}.")
+    if isinstance(microbatches, bool) or not isinstance(microbatches, int) or microbatches < 1:
+        raise ScheduleError(f"pipeline: microbatches must be a positive int, got {microbatches!r}.")
+    if not callable(stages) or not callable(loss):
+        raise ScheduleError("pipeline: `stages` and `loss` must be functions.")
+
+    @functools.cache
+    def plan(p: int) -> tuple[Schedule, Tables]:
+        if isinstance(schedule, Schedule):
+            if (schedule.stages, schedule.microbatches) != (p, microbatches):
+                raise ScheduleError(
+                    f"pipeline: the schedule is for stages={schedule.stages}, microbatches="
+                    f"{schedule.microbatches}, but the {axis!r} axis has {p} devices and "
+                    f"microbatches={microbatches}. Build it with tx.schedules.get(..., "
+                    f"stages={p}, microbatches={microbatches})."
+                )
+            s = schedule
+        else:
+            s = get(schedule, stages=p, microbatches=microbatches, virtual_stages=virtual_stages)
+        return s, compile_tables(s)
+
+    @functools.cache
+    def program(view: Mesh | AbstractMesh, in_trace: bool, has_loss_params: bool) -> Any:
+        """The traced computation for one mesh (cached: repeated calls reuse one jit)."""
+        p = view.shape[axis]
+        s, tables = plan(p)
+        v = s.virtual_stages
+        explicit = view._name_to_type[axis] == AxisType.Explicit
+
+        def loss_of(q: Any, y: Any, t: Any) -> Any:
+            return loss(q if has_loss_params else None, y, t)
+
+        run = _executor(stages, loss_of, s, tables, axis, remat)
+
+        def split(a: Any) -> Any:
+            return a.reshape(microbatches, a.shape[0] // microbatches, *a.shape[1:])
+
+        def rows(a: Any) -> Any:  # (v, p, ...) back to stage order (p * v, ...)
+            shape = (p * v, *a.shape[2:])
+            if not explicit:
+                return a.reshape(shape)
+            out = P(axis) if v == 1 else P()  # interleaved rows are not one block per device
+            return jax.lax.reshape(a, shape, out_sharding=out)
+
+        def call(stage_params: Any, x: Any, targets: Any, lp: Any) -> Any:
+            # Stage s lives on device s % p: view rows as (v, p) and split the p dimension.
+            grid = jax.tree.map(lambda a: a.reshape(v, p, *a.shape[1:]), stage_params)
+            if explicit:  # an Explicit axis is part of the type: lay the rows out first
+                grid = jax.tree.map(lambda a: jax.sharding.reshard(a, P(None, axis)), grid)
+            local = jax.shard_map(
+                lambda g, *rest: _squeeze_run(run, g, *rest),
+                mesh=None if in_trace else view,
+                in_specs=(P(None, axis), P(), P(), P()),
+                out_specs=(P(), P(None, axis), P(), P()),
+                axis_names={axis},
+                check_vma=False,
+            )
+            xs, ts = jax.tree.map(split, x), jax.tree.map(split, targets)
+            loss_value, g_grid, g_xs, g_lp = local(grid, xs, ts, lp)
+            g_x = jax.tree.map(lambda a: a.reshape(-1, *a.shape[2:]), g_xs)
+            g_stage = jax.tree.map(rows, g_grid)
+            return loss_value, (g_stage, g_x, g_lp if has_loss_params else None)
+
+        return call if in_trace else jax.jit(call)
+
+    def pipe(stage_params: Any, x: Any, targets: Any, loss_params: Any = None) -> Any:
+        ctx = jax.sharding.get_abstract_mesh()
+        in_trace = not ctx.empty  # inside a Titanax step (or any trace with a mesh)
+        view: Mesh | AbstractMesh | None = (
+            ctx if in_trace else mesh if mesh is not None else jax.sharding.get_mesh()
+        )
+        if view is None or view.empty:
+            raise ScheduleError(
+                f"pipeline(axis={axis!r}): no mesh. Pass mesh=tx.mesh(...), call it inside a "
+                "Titanax step, or inside `with jax.set_mesh(mesh):`."
+            )
+        if axis not in view.axis_names:
+            raise ScheduleError(
+                f"pipeline(axis={axis!r}): the mesh has no axis {axis!r} (axes: "
+                f"{', '.join(view.axis_names)}). Build the mesh with it, e.g. "
+                f"tx.mesh({axis}=4, ...)."
+            )
+        p = view.shape[axis]
+        v = plan(p)[0].virtual_stages
+        rows = {shape_of(a)[0] if shape_of(a) else -1 for a in jax.tree.leaves(stage_params)}
+        if rows != {p * v}:
+            raise ScheduleError(
+                f"pipeline(axis={axis!r}): stage_params leaves have {sorted(rows)} rows, but the "
+                f"pipeline runs {p * v} stages ({p} devices along {axis!r} x virtual_stages="
+                f"{v}). Stack one row per stage, or change the mesh or virtual_stages."
+            )
+        batch = {shape_of(a)[0] if shape_of(a) else -1 for a in jax.tree.leaves((x, targets))}
+        if len(batch) != 1 or min(batch) < 1 or min(batch) % microbatches:
+            raise ScheduleError(
+                f"pipeline: microbatches={microbatches} must divide the batch, but x and "
+                f"targets have leading dimensions {sorted(batch)}. Use a batch that is a "
+                f"multiple of {microbatches}, or another number of microbatches."
+            )
+        call = program(view, in_trace, loss_params is not None)
+        lp = {} if loss_params is None else loss_params
+        if in_trace:
+            return call(stage_params, x, targets, lp)
+        assert isinstance(view, Mesh)  # outside a trace the mesh is concrete
+        with jax.set_mesh(view):
+            return call(stage_params, x, targets, lp)
+
+    return pipe
+
+
+def _squeeze_run(run: Callable[..., Any], grid: Any, *rest: Any) -> Any:
+    """Runs the executor on this device's ``(v, 1, ...)`` rows, as ``(v, ...)``."""
+    params = jax.tree.map(lambda a: a[:, 0], grid)
+    loss, g_params, g_x, g_lp = run(params, *rest)
+    return loss, jax.tree.map(lambda a: a[:, None], g_params), g_x, g_lp
