@@ -34,7 +34,7 @@ typecheck: setup
 	$(BIN)/mypy titanax
 
 bench: setup
-	$(BIN)/python -m pytest -q -s tests/benchmarks
+	$(BIN)/python tests/benchmarks/report.py $(if $(GPU),--gpu)
 
 docs: setup
 	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --site-dir site

@@ -43,6 +43,14 @@ def measure(name, m, v=1, p=4):
     return compiled.memory_analysis().temp_size_in_bytes, seconds, s
 
 
+def table():
+    """``{schedule: {m: (temp bytes, compile s, Schedule)}}`` for p=4, m in 4, 8, 16, 32."""
+    return {
+        name: {m: measure(name, m, v) for m in (4, 8, 16, 32)}
+        for name, v in [("gpipe", 1), ("1f1b", 1), ("interleaved_1f1b", 2), ("zero_bubble", 1)]
+    }
+
+
 def test_memory_and_compile_time_against_microbatches():
     rows = []
     for name, v in [("gpipe", 1), ("1f1b", 1), ("interleaved_1f1b", 2), ("zero_bubble", 1)]:
