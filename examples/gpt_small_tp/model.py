@@ -1,7 +1,9 @@
 """A small GPT in pure JAX: parameters are a plain pytree, the model a pure function.
 
-Kernels are stored ``(d_in, d_out)``; q, k and v are separate projections whose
-columns are whole heads, so the Megatron rules of ``tx.rules`` apply unchanged.
+Kernels are stored ``(d_in, d_out)``. The attention's q, k and v come from one fused
+projection stored ``(d_model, 3, d_model)``: split over heads on its last dimension, it
+is column-parallel with a single input gradient (one all-reduce backward, not three),
+as ``tx.rules.megatron_attention`` lays it out.
 """
 
 from __future__ import annotations
@@ -44,9 +46,10 @@ def init_block(key: Any, cfg: GPTConfig) -> Params:
     return {
         "ln1": _norm(d),
         "attn": {
-            "q": _dense(k[0], d, d),
-            "k": _dense(k[1], d, d),
-            "v": _dense(k[2], d, d),
+            "qkv": {
+                "kernel": jax.random.normal(k[0], (d, 3, d), jnp.float32) * 0.02,
+                "bias": jnp.zeros((3, d), jnp.float32),
+            },
             "proj": _dense(k[3], d, d, resid),
         },
         "ln2": _norm(d),
@@ -76,8 +79,8 @@ def dense(p: Params, x: jax.Array) -> jax.Array:
 
 def attention(p: Params, x: jax.Array, heads: int) -> jax.Array:
     b, t, d = x.shape
-    split = lambda y: y.reshape(b, t, heads, d // heads)  # noqa: E731
-    q, k, v = split(dense(p["q"], x)), split(dense(p["k"], x)), split(dense(p["v"], x))
+    qkv = jnp.einsum("btd,dke->btke", x, p["qkv"]["kernel"]) + p["qkv"]["bias"]
+    q, k, v = (qkv[:, :, i].reshape(b, t, heads, d // heads) for i in range(3))
     scores = jnp.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(d // heads)
     causal = jnp.tril(jnp.ones((t, t), bool))
     scores = jnp.where(causal, scores, jnp.finfo(scores.dtype).min)
