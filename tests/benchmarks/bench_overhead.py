@@ -8,6 +8,7 @@ import statistics
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 from jax.sharding import AxisType, Mesh, NamedSharding
@@ -157,3 +158,143 @@ def test_data_parallel_step_overhead():
 
 def test_dp_x_tp_step_overhead():
     measure_dp_tp()
+
+
+def measure_tp():
+    """Titanax TP step (tensor_parallel alone) against jit with in/out shardings by hand (GPT)."""
+    cfg = gpt.GPTConfig(seq_len=64, d_model=128, heads=4, layers=2)
+    mesh = tx.mesh(devices=jax.devices()[:4], model=4)
+    tokens = gpt.windows(gpt.corpus(), 8, cfg.seq_len + 1, np.random.default_rng(0))
+    optimizer = optax.adam(1e-3)
+
+    def make():
+        return tx.TrainState.create(gpt.init(jax.random.key(0), cfg), optimizer)
+
+    def body(state, tokens):  # global view: XLA partitions from the declared layouts
+        loss, grads = jax.value_and_grad(gpt.loss_fn)(state.params, tokens, cfg)
+        return state.apply_gradients(grads), {"loss": loss}
+
+    titanax_step = tx.tensor_parallel(gpt_example.gpt_rules(), mesh=mesh)(body)
+    auto = Mesh(mesh.devices, mesh.axis_names, axis_types=(AxisType.Auto,))
+    specs = gpt_example.gpt_rules().specs(make(), mesh)
+    state_sharding = jax.tree.map(
+        lambda s: NamedSharding(auto, s), specs, is_leaf=lambda s: isinstance(s, P)
+    )
+    rep = NamedSharding(auto, P())
+    hand = jax.jit(
+        body,
+        in_shardings=(state_sharding, rep),
+        out_shardings=(state_sharding, rep),
+        donate_argnums=0,
+    )
+    return compare(
+        "TP (GPT 2x128, model=4)",
+        titanax_step,
+        hand,
+        make,
+        (state_sharding, rep),
+        tokens,
+        steps=10,
+        rounds=5,
+    )
+
+
+D_PP, H_PP, M_PP, P_PP = 256, 512, 8, 4
+
+
+def _pp_stage(p, x):
+    return x + jnp.tanh(x @ p["w"]) @ p["w2"]
+
+
+def _pp_loss(_, y, t):
+    return jnp.mean((y - t) ** 2)
+
+
+def hand_gpipe(mesh):
+    """GPipe written by hand as in JAX's docs: a forward scan over m + p - 1 ticks under
+    shard_map, passing activations with ppermute; jax.value_and_grad makes the backward."""
+    auto = Mesh(mesh.devices, mesh.axis_names, axis_types=(AxisType.Auto,))
+    p = auto.shape["stage"]
+
+    def per_device(params, xs, ts):
+        params = jax.tree.map(lambda a: a[0], params)
+        idx = jax.lax.axis_index("stage")
+        carry = (
+            jax.lax.pcast(jnp.zeros_like(xs[0]), "stage", to="varying"),
+            jax.lax.pcast(jnp.zeros_like(xs), "stage", to="varying"),
+        )
+
+        def tick(carry, t):
+            state, outs = carry
+            out = _pp_stage(params, jnp.where(idx == 0, xs[jnp.minimum(t, M_PP - 1)], state))
+            k = t - (p - 1)
+            outs = jnp.where(
+                (idx == p - 1) & (k >= 0), outs.at[jnp.clip(k, 0, M_PP - 1)].set(out), outs
+            )
+            return (jax.lax.ppermute(out, "stage", [(i, i + 1) for i in range(p - 1)]), outs), None
+
+        (_, outs), _ = jax.lax.scan(tick, carry, jnp.arange(M_PP + p - 1))
+        mine = jnp.mean(jax.vmap(lambda y, t: _pp_loss(None, y, t))(outs, ts))
+        return jax.lax.psum(jnp.where(idx == p - 1, mine, 0.0), "stage")
+
+    f = jax.shard_map(per_device, mesh=auto, in_specs=(P("stage"), P(), P()), out_specs=P())
+
+    def value_and_grad(sp, x, t):
+        xs, ts = x.reshape(M_PP, -1, D_PP), t.reshape(M_PP, -1, D_PP)
+        value, (g_sp, g_xs) = jax.value_and_grad(f, argnums=(0, 1))(sp, xs, ts)
+        return value, (g_sp, g_xs.reshape(x.shape))
+
+    return jax.jit(value_and_grad)
+
+
+def measure_pp(rounds=5, steps=20):
+    """Titanax's GPipe schedule against GPipe by hand (p=4, m=8), both value-and-grad."""
+    mesh = tx.mesh(devices=jax.devices()[:P_PP], stage=P_PP)
+    rng = np.random.default_rng(0)
+    sp = {
+        "w": jnp.asarray(rng.normal(size=(P_PP, D_PP, H_PP)) * 0.05, jnp.float32),
+        "w2": jnp.asarray(rng.normal(size=(P_PP, H_PP, D_PP)) * 0.05, jnp.float32),
+    }
+    x = jnp.asarray(rng.normal(size=(M_PP * 8, D_PP)), jnp.float32)
+    t = jnp.zeros((M_PP * 8, D_PP))
+    pipe = tx.pipeline(_pp_stage, schedule="gpipe", microbatches=M_PP, loss=_pp_loss, mesh=mesh)
+    hand = hand_gpipe(mesh)
+    ours, theirs = pipe(sp, x, t), hand(sp, x, t)
+    for a, b in zip(jax.tree.leaves(ours[:2]), jax.tree.leaves(theirs)):  # same numbers
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+
+    def timed(fn):
+        jax.block_until_ready(fn(sp, x, t))
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            out = fn(sp, x, t)
+        jax.block_until_ready(out)
+        return (time.perf_counter() - t0) / steps
+
+    ratios = []
+    for _ in range(rounds):
+        t_tx, t_hand = timed(pipe), timed(hand)
+        ratios.append(t_tx / t_hand)
+    with jax.set_mesh(mesh):
+        c_tx = _compile_seconds(jax.jit(pipe), sp, x, t)
+    c_hand = _compile_seconds(hand, sp, x, t)
+    print(
+        f"\nPP (GPipe, p=4, m=8): Titanax {t_tx * 1e3:.2f} ms, by hand {t_hand * 1e3:.2f} ms; "
+        f"median ratio {statistics.median(ratios):.3f}; compile ratio {c_tx / c_hand:.2f}"
+    )
+    return {
+        "step_ms": t_tx * 1e3,
+        "hand_step_ms": t_hand * 1e3,
+        "step_ratio": statistics.median(ratios),
+        "compile_s": c_tx,
+        "hand_compile_s": c_hand,
+        "compile_ratio": c_tx / c_hand,
+    }
+
+
+def test_tp_step_overhead():
+    measure_tp()
+
+
+def test_pp_step_overhead():
+    measure_pp(rounds=2, steps=5)
