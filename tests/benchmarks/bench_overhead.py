@@ -44,6 +44,18 @@ def _compile_seconds(fn, *args):
         jax.config.update("jax_enable_compilation_cache", True)
 
 
+def _result(t_tx, t_hand, ratios, c_tx, c_hand):
+    """The figures the report prints for one step (the times of the last round)."""
+    return {
+        "step_ms": t_tx * 1e3,
+        "hand_step_ms": t_hand * 1e3,
+        "step_ratio": statistics.median(ratios),
+        "compile_s": c_tx,
+        "hand_compile_s": c_hand,
+        "compile_ratio": c_tx / c_hand,
+    }
+
+
 def compare(name, titanax_step, hand_step, make_state, shardings, batch, steps, rounds=7):
     """Median step-time ratio over alternating runs, and the compile-time ratio."""
     state_sharding, batch_sharding = shardings
@@ -66,14 +78,7 @@ def compare(name, titanax_step, hand_step, make_state, shardings, batch, steps, 
     )
     a, b = jax.tree.leaves(s_tx.params)[0], jax.tree.leaves(s_hand.params)[0]
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)  # the same program: the same numbers
-    return {
-        "step_ms": t_tx * 1e3,
-        "hand_step_ms": t_hand * 1e3,
-        "step_ratio": statistics.median(ratios),
-        "compile_s": c_tx,
-        "hand_compile_s": c_hand,
-        "compile_ratio": c_tx / c_hand,
-    }
+    return _result(t_tx, t_hand, ratios, c_tx, c_hand)
 
 
 def measure_dp():
@@ -282,14 +287,7 @@ def measure_pp(rounds=5, steps=20):
         f"\nPP (GPipe, p=4, m=8): Titanax {t_tx * 1e3:.2f} ms, by hand {t_hand * 1e3:.2f} ms; "
         f"median ratio {statistics.median(ratios):.3f}; compile ratio {c_tx / c_hand:.2f}"
     )
-    return {
-        "step_ms": t_tx * 1e3,
-        "hand_step_ms": t_hand * 1e3,
-        "step_ratio": statistics.median(ratios),
-        "compile_s": c_tx,
-        "hand_compile_s": c_hand,
-        "compile_ratio": c_tx / c_hand,
-    }
+    return _result(t_tx, t_hand, ratios, c_tx, c_hand)
 
 
 def test_tp_step_overhead():

@@ -7,6 +7,7 @@ import pytest
 import titanax as tx
 from examples.gpt_small_tp import model as gpt
 from examples.gpt_small_tp import train as example
+from tests.integration.examples_run import SMALL_GPT
 
 CFG = gpt.GPTConfig(seq_len=32, d_model=64, heads=4, layers=2)
 
@@ -76,7 +77,5 @@ def test_heads_and_mlp_are_split_over_model():
 
 
 def test_example_main_runs(capsys):
-    val = example.main(
-        ["--steps", "3", "--layers", "1", "--d-model", "64", "--seq-len", "32", "--batch-size", "8"]
-    )
+    val = example.main(["--steps", "3", *SMALL_GPT])
     assert "perplexity" in capsys.readouterr().out and np.isfinite(val)

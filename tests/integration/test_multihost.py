@@ -16,45 +16,7 @@ import pytest
 
 import titanax as tx
 from examples.mnist_dp import train as mnist
-
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-ENV = {**os.environ, "PYTHONPATH": ROOT}
-for var in (
-    "JAX_NUM_CPU_DEVICES",
-    "TITANAX_COORDINATOR",
-    "TITANAX_NUM_PROCESSES",
-    "TITANAX_PROCESS_ID",
-):
-    ENV.pop(var, None)
-
-
-def launch(nproc, script, *args, timeout=300):
-    cmd = [
-        sys.executable,
-        "-m",
-        "titanax.launch.cli",
-        "launch",
-        "--nproc",
-        str(nproc),
-        "--devices-per-process",
-        str(8 // nproc),
-        script,
-        *args,
-    ]
-    return subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
-
-
-def single(script, *args):
-    done = subprocess.run(
-        [sys.executable, script, *args],
-        env=ENV,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=ROOT,
-    )
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    return done
+from tests.integration.examples_run import ENV, ROOT, SMALL_GPT, launch, run
 
 
 def losses(path):
@@ -68,32 +30,19 @@ def test_mnist_on_2_processes_equals_1_process(tmp_path):
     assert done.returncode == 0, done.stdout[-3000:]
     assert "[1] " in done.stdout and "[0] final loss" in done.stdout
     assert "[1] final loss" not in done.stdout  # reported once, by process 0
-    single("examples/mnist_dp/train.py", "--steps", "20", "--metrics", str(tmp_path / "one.jsonl"))
+    run("examples/mnist_dp/train.py", "--steps", "20", "--metrics", str(tmp_path / "one.jsonl"))
     two, one = losses(tmp_path / "two.jsonl"), losses(tmp_path / "one.jsonl")
     assert len(two) == len(one) == 20
     assert np.max(np.abs(np.subtract(two, one))) < 1e-5
 
 
 def test_dp_x_tp_on_2_processes_equals_1_process(tmp_path):
-    args = [
-        "--mesh",
-        "data=2,model=4",
-        "--layers",
-        "1",
-        "--d-model",
-        "64",
-        "--seq-len",
-        "32",
-        "--batch-size",
-        "8",
-        "--steps",
-        "4",
-    ]
+    args = ["--mesh", "data=2,model=4", *SMALL_GPT, "--steps", "4"]
     done = launch(
         2, "examples/gpt_small_tp/train.py", *args, "--metrics", str(tmp_path / "two.jsonl")
     )
     assert done.returncode == 0, done.stdout[-3000:]
-    single("examples/gpt_small_tp/train.py", *args, "--metrics", str(tmp_path / "one.jsonl"))
+    run("examples/gpt_small_tp/train.py", *args, "--metrics", str(tmp_path / "one.jsonl"))
     two, one = losses(tmp_path / "two.jsonl"), losses(tmp_path / "one.jsonl")
     assert len(two) == 4 and np.max(np.abs(np.subtract(two, one))) < 1e-5
 
@@ -102,7 +51,7 @@ def test_checkpoint_from_2_processes_restores_in_1_on_another_mesh(tmp_path):
     ck = tmp_path / "ck"
     done = launch(2, "examples/mnist_dp/train.py", "--steps", "10", "--checkpoint-dir", str(ck))
     assert done.returncode == 0, done.stdout[-3000:]
-    single("examples/mnist_dp/train.py", "--steps", "10", "--checkpoint-dir", str(tmp_path / "one"))
+    run("examples/mnist_dp/train.py", "--steps", "10", "--checkpoint-dir", str(tmp_path / "one"))
     mngr = tx.checkpoint.Manager(ck)
     assert mngr.metadata()["process_count"] == 2
     params = mnist.init_params(jax.random.key(0), (64, 128, 128, 10))

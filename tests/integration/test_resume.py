@@ -1,10 +1,7 @@
 """Exact resume: train to 2N saving at N; restore N in a new process, train to 2N: the
 parameters are bit-identical (state, data position and optimizer step all restored)."""
 
-import os
 import shutil
-import subprocess
-import sys
 
 import jax
 import numpy as np
@@ -15,21 +12,7 @@ import titanax as tx
 from examples.gpt_small_tp import model as gpt
 from examples.gpt_small_tp import train as gpt_example
 from examples.mnist_dp import train as mnist
-
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-
-def run(script, *args):
-    env = {**os.environ, "PYTHONPATH": ROOT}
-    done = subprocess.run(
-        [sys.executable, os.path.join(ROOT, script), *args],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
-    return done.stdout
+from tests.integration.examples_run import SMALL_GPT, run
 
 
 def resumed_equals_straight(tmp_path, script, args, n, like):
@@ -70,16 +53,5 @@ def test_exact_resume_data_x_tensor_parallel(tmp_path):
     cfg = gpt.GPTConfig(seq_len=32, d_model=64, heads=4, layers=1)
     optimizer = gpt_example.make_optimizer(1e-3, 6)
     like = on_one_device(tx.TrainState.create(gpt.init(jax.random.key(0), cfg), optimizer))
-    args = [
-        "--mesh",
-        "data=2,model=4",
-        "--layers",
-        "1",
-        "--d-model",
-        "64",
-        "--seq-len",
-        "32",
-        "--batch-size",
-        "8",
-    ]
+    args = ["--mesh", "data=2,model=4", *SMALL_GPT]
     resumed_equals_straight(tmp_path, "examples/gpt_small_tp/train.py", args, 3, like)
