@@ -47,6 +47,14 @@ from titanax.parallel.collectives import (
     psum_scatter,
 )
 from titanax.parallel.data_parallel import data_parallel
+from titanax.parallel.fully_sharded import (
+    clip_by_global_norm,
+    fully_sharded,
+    gather_params,
+    global_norm,
+    scatter_grads,
+    shard_params,
+)
 from titanax.parallel.function import ParallelFunction
 from titanax.parallel.pipeline import pipeline
 from titanax.parallel.plan import Plan
@@ -62,6 +70,7 @@ __all__ = [
     "data_parallel",
     "tensor_parallel",
     "pipeline",
+    "fully_sharded",
     "ParallelFunction",
     "Plan",
     # meshes, layouts, schedules
@@ -82,6 +91,12 @@ __all__ = [
     "all_to_all",
     "axis_index",
     "axis_size",
+    # what a fully_sharded body writes
+    "gather_params",
+    "scatter_grads",
+    "shard_params",
+    "global_norm",
+    "clip_by_global_norm",
     # state, checkpoints, data
     "TrainState",
     "checkpoint",

@@ -9,6 +9,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from titanax._util import bullets, leaves_with_paths, shape_of
+from titanax.errors import PlanError
+
 __all__ = ["TrainState"]
 
 
@@ -53,6 +56,26 @@ class TrainState:
         Reduce ``grads`` across replicas first (``tx.pmean(grads, "data")``):
         this applies them as they are.
         """
+        _check_shapes(grads, self.params)
         updates, opt_state = self.optimizer.update(grads, self.opt_state, self.params, **extra_args)
         params = optax.apply_updates(self.params, updates)
         return dataclasses.replace(self, params=params, opt_state=opt_state, step=self.step + 1)
+
+
+def _check_shapes(grads: Any, params: Any) -> None:
+    """Gradients must have the parameters' shapes (under ``fully_sharded``: the shards')."""
+    same: bool = jax.tree.structure(grads) == jax.tree.structure(params)  # type: ignore[operator]
+    if not same:
+        return  # optax reports a structure mismatch itself
+    bad = [
+        f"{path}: gradient {shape_of(g)}, parameter {shape_of(p)}"
+        for (path, g), p in zip(leaves_with_paths(grads), jax.tree.leaves(params))
+        if shape_of(g) != shape_of(p)
+    ]
+    if bad:
+        raise PlanError(
+            "TrainState.apply_gradients: gradients and parameters differ in shape:\n"
+            + bullets(bad)
+            + "\nUnder tx.fully_sharded the parameters are shards: reduce whole gradients with "
+            "grads = tx.scatter_grads(grads, 'data'), not tx.pmean."
+        )

@@ -2,6 +2,7 @@
 ``tx.tensor_parallel``) on the prose of Python's own documentation (no download).
 
     python examples/gpt_small_tp/train.py --mesh data=2,model=4 --steps 200
+    python examples/gpt_small_tp/train.py --zero 3   # parameters and Adam state split over data
 
 Settings come from ``config.yaml`` beside this file, overridden by ``--set key=value``.
 """
@@ -36,24 +37,60 @@ def gpt_rules(axis: str = "model") -> Any:
     )
 
 
-def make_steps(cfg: gpt.GPTConfig, mesh: Any) -> tuple[Any, Any]:
-    """The DP x TP training and evaluation steps on ``mesh`` (axes ``data``, ``model``)."""
+def make_steps(cfg: gpt.GPTConfig, mesh: Any, zero: int = 0) -> tuple[Any, Any]:
+    """The training and evaluation steps on ``mesh`` (axes ``data``, ``model``).
+
+    ``zero=0``: ``data_parallel`` (state replicated over ``data``); ``zero=3``:
+    ``fully_sharded`` (parameters and optimizer state split over ``data``);
+    ``zero=1``: ``fully_sharded(shard="optimizer")``. All compose with
+    ``tensor_parallel`` over ``model``; the collectives over ``data`` are written here.
+    """
     import jax
+    import optax
 
     import titanax as tx
 
-    def train_step(state: Any, tokens: Any) -> tuple[Any, dict[str, Any]]:
-        loss, grads = jax.value_and_grad(gpt.loss_fn)(state.params, tokens, cfg)
+    def value_and_grad(params: Any, tokens: Any) -> Any:
+        return jax.value_and_grad(gpt.loss_fn)(params, tokens, cfg)
+
+    def dp_step(state: Any, tokens: Any) -> tuple[Any, dict[str, Any]]:
+        loss, grads = value_and_grad(state.params, tokens)
         grads = tx.pmean(grads, "data")  # the DP reduction; TP needs none (global view)
         return state.apply_gradients(grads), {"loss": tx.pmean(loss, "data")}
 
+    def zero3_step(state: Any, tokens: Any) -> tuple[Any, dict[str, Any]]:
+        params = tx.gather_params(state.params, "data")  # all-gather the shards
+        loss, grads = value_and_grad(params, tokens)
+        grads = tx.scatter_grads(grads, "data")  # reduce-scatter: this device's shard
+        return state.apply_gradients(grads), {"loss": tx.pmean(loss, "data")}
+
+    def zero1_step(state: Any, tokens: Any) -> tuple[Any, dict[str, Any]]:
+        loss, grads = value_and_grad(state.params, tokens)
+        grads = tx.scatter_grads(grads, "data")  # reduce-scatter: this device's shard
+        shard = tx.shard_params(state.params, "data")  # the slice it updates
+        updates, opt_state = state.optimizer.update(grads, state.opt_state, shard)
+        params = tx.gather_params(optax.apply_updates(shard, updates), "data")
+        new = dataclasses.replace(state, params=params, opt_state=opt_state, step=state.step + 1)
+        return new, {"loss": tx.pmean(loss, "data")}
+
     def eval_step(params: Any, tokens: Any) -> Any:
+        if zero == 3:
+            params = tx.gather_params(params, "data")
         return tx.pmean(gpt.loss_fn(params, tokens, cfg), "data")
 
+    if zero not in (0, 1, 3):
+        raise ValueError(f"zero must be 0 (data_parallel), 1 or 3 (fully_sharded), got {zero}")
     rules = gpt_rules()
-    train = tx.data_parallel(tx.tensor_parallel(rules)(train_step), mesh=mesh)
-    evaluate = tx.data_parallel(tx.tensor_parallel(rules)(eval_step), mesh=mesh, donate=False)
-    return train, evaluate
+    if zero == 0:
+        outer, step = tx.data_parallel(mesh=mesh), dp_step
+        evaluate = tx.data_parallel(mesh=mesh, donate=False)
+    else:
+        shard = "params" if zero == 3 else "optimizer"
+        outer = tx.fully_sharded(mesh=mesh, shard=shard)
+        step = zero3_step if zero == 3 else zero1_step
+        evaluate = tx.fully_sharded(mesh=mesh, shard=shard, donate=False)
+    train = outer(tx.tensor_parallel(rules)(step))
+    return train, evaluate(tx.tensor_parallel(rules)(eval_step))
 
 
 def validation_batches(
@@ -67,8 +104,11 @@ def make_optimizer(lr: float, steps: int) -> Any:
     """AdamW with warm-up, cosine decay and gradient clipping."""
     import optax
 
+    import titanax as tx
+
     schedule = optax.warmup_cosine_decay_schedule(0.0, lr, min(100, steps // 5 + 1), steps)
-    return optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(schedule, weight_decay=0.1))
+    # tx.clip_by_global_norm is optax's, with the norm of gradients split over 'data' under ZeRO.
+    return optax.chain(tx.clip_by_global_norm(1.0), optax.adamw(schedule, weight_decay=0.1))
 
 
 def train(
@@ -84,8 +124,9 @@ def train(
     checkpoint_dir: str | None = None,
     save_every: int = 0,
     metrics_path: str | None = None,
+    zero: int = 0,
 ) -> tuple[Any, list[float], float]:
-    """Trains to ``steps``; returns the state, the losses of the steps run and the validation loss.
+    """Trains to ``steps`` (``zero``: see `make_steps`); returns the state, the losses of the steps run and the validation loss.
 
     Batch ``i`` is drawn with the seed ``(seed, i)``, so the data position is the step
     itself: with ``checkpoint_dir`` a run resumes exactly from its newest checkpoint.
@@ -96,7 +137,7 @@ def train(
 
     train_data, valid_data = gpt.split(gpt.corpus())
     optimizer = make_optimizer(lr, steps)
-    step, evaluate = make_steps(cfg, mesh)
+    step, evaluate = make_steps(cfg, mesh, zero)
 
     def batch(i: int) -> np.ndarray:  # the same global batch everywhere; each process its rows
         rng = np.random.default_rng((seed, i))
@@ -150,6 +191,7 @@ class Config:
     checkpoint_dir: str | None = None  # save here; resume from the newest checkpoint
     save_every: int = 0  # steps between checkpoints (0: only at the end)
     metrics: str | None = None  # append one JSON line per step here
+    zero: int = 0  # 0: data_parallel; 3: fully_sharded (ZeRO-3); 1: ZeRO-1
 
 
 CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "config.yaml")
@@ -166,7 +208,7 @@ def build(cfg: Config) -> tuple[Any, tuple[Any, ...]]:
     gcfg = gpt.GPTConfig(
         seq_len=cfg.seq_len, d_model=cfg.d_model, heads=cfg.heads, layers=cfg.layers
     )
-    step, _ = make_steps(gcfg, mesh)
+    step, _ = make_steps(gcfg, mesh, cfg.zero)
     state = tx.TrainState.create(
         gpt.init(jax.random.key(cfg.seed), gcfg), make_optimizer(cfg.lr, cfg.steps)
     )
@@ -192,7 +234,7 @@ def main(argv: list[str] | None = None) -> float:
     cfg = gpt.GPTConfig(
         seq_len=args.seq_len, d_model=args.d_model, heads=args.heads, layers=args.layers
     )
-    say(f"GPT {cfg}; mesh {dict(mesh.shape)}")
+    say(f"GPT {cfg}; mesh {dict(mesh.shape)}; ZeRO stage {args.zero}")
     _, losses, val_loss = train(
         cfg,
         mesh,
@@ -204,6 +246,7 @@ def main(argv: list[str] | None = None) -> float:
         checkpoint_dir=args.checkpoint_dir,
         save_every=args.save_every,
         metrics_path=args.metrics,
+        zero=args.zero,
     )
     say(
         f"final train loss {losses[-1] if losses else float('nan'):.4f}; validation loss {val_loss:.4f}, "

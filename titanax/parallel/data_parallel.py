@@ -18,8 +18,9 @@ __all__ = ["data_parallel"]
 F = TypeVar("F", bound=Callable[..., Any])
 
 
-def _layout(axis: str) -> Callable[[Any, ArgInfo], Any]:
-    where = f"data_parallel(axis={axis!r})"
+def _layout(axis: str, where: str = "") -> Callable[[Any, ArgInfo], Any]:
+    """Batches split on their leading dimension along ``axis``; everything else replicated."""
+    where = where or f"data_parallel(axis={axis!r})"
 
     def layout(arg: Any, info: ArgInfo) -> Any:
         if not info.is_batch:

@@ -10,6 +10,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
@@ -65,29 +66,52 @@ class _Entry:
         )
         fun, bound = pf.fun, plan.bound_axes(self.mesh)
         in_trees = [jax.tree.structure(a) for a in args]
+        avals = jax.tree.map(lambda x: jax.ShapeDtypeStruct(shape_of(x), jnp.result_type(x)), args)
+        local_specs = jax.tree.map(lambda s: _restrict(s, manual), self.in_specs, is_leaf=_is_spec)
+        # State stored split along a manual axis (fully_sharded) comes back split: the
+        # output layouts are then found by tracing once for shapes before the real trace.
+        split_state = any(
+            spec_axes(s)
+            for i, tree in enumerate(local_specs)
+            if i not in self.batch
+            for s in _spec_leaves(tree)
+        )
 
         def body(*local_args: Any) -> Any:
-            with bind_axes(bound):
+            with bind_axes(bound), plan.entered(avals, self.in_specs, self.mesh):
                 return fun(*local_args)
+
+        def smap(out_specs: Any) -> Callable[..., Any]:
+            return jax.shard_map(
+                body,
+                mesh=self.cmesh,
+                in_specs=local_specs,
+                out_specs=out_specs,
+                axis_names=set(manual),
+                check_vma=False,  # pmap semantics: per-replica gradients, user reduces
+            )
 
         def outer(*global_args: Any) -> Any:
             # The plan's mesh is the context mesh of the body (whatever jax.set_mesh says).
             with jax.sharding.use_abstract_mesh(self.cmesh.abstract_mesh):
-                if manual:
-                    local_specs = jax.tree.map(
-                        lambda s: _restrict(s, manual), self.in_specs, is_leaf=_is_spec
-                    )
-                    out = jax.shard_map(
-                        body,
-                        mesh=self.cmesh,
-                        in_specs=local_specs,
-                        out_specs=P(),
-                        axis_names=set(manual),
-                        check_vma=False,  # pmap semantics: per-replica gradients, user reduces
-                    )(*global_args)
-                else:
+                if not manual:
                     out = body(*global_args)
-                self.out_specs = _out_specs(out, global_args, in_trees, self.in_specs, self.batch)
+                    self.out_specs = _out_specs(out, avals, in_trees, self.in_specs, self.batch)
+                elif split_state:
+                    local_out = jax.eval_shape(smap(P()), *global_args)
+                    local_in = jax.tree.map(
+                        lambda a, s: _local(a, s, self.mesh), avals, local_specs
+                    )
+                    self.out_specs = _out_specs(
+                        local_out, local_in, in_trees, self.in_specs, self.batch
+                    )
+                    restricted = jax.tree.map(
+                        lambda s: _restrict(s, manual), self.out_specs, is_leaf=_is_spec
+                    )
+                    out = smap(restricted)(*global_args)
+                else:
+                    out = smap(P())(*global_args)
+                    self.out_specs = _out_specs(out, avals, in_trees, self.in_specs, self.batch)
                 return _constrain(out, self.out_specs, self.cmesh, plan)
 
         self.jitted = jax.jit(outer, in_shardings=self.in_shardings, donate_argnums=donate)
@@ -101,7 +125,7 @@ class _Entry:
         return tuple(placed)
 
     def _put(self, x: Any, sharding: NamedSharding, batch: bool) -> jax.Array:
-        if isinstance(x, jax.Array) and x.sharding.is_equivalent_to(sharding, x.ndim):
+        if isinstance(x, jax.Array) and _same_layout(x.sharding, sharding, x.ndim):
             return x
         if self.multiprocess and batch and not isinstance(x, jax.Array):
             return jax.make_array_from_process_local_data(sharding, np.asarray(x))
@@ -131,6 +155,26 @@ class _Entry:
             )
 
 
+def _same_layout(have: Any, want: NamedSharding, ndim: int) -> bool:
+    """Whether an array laid out by ``have`` can be passed as laid out by ``want``.
+
+    Equivalent is not enough when ``want`` names a size-1 axis: a one-device array is
+    equivalent, but its type lacks the axis, and ``shard_map`` rejects it.
+    """
+    if not have.is_equivalent_to(want, ndim):
+        return False
+    if any(want.mesh.shape[a] == 1 for a in spec_axes(want.spec)):
+        return isinstance(have, NamedSharding) and _strip(have.spec) == _strip(want.spec)
+    return True
+
+
+def _strip(spec: PartitionSpec) -> tuple[Any, ...]:
+    entries = list(spec)
+    while entries and entries[-1] is None:
+        entries.pop()
+    return tuple(entries)
+
+
 def _global_rows(tree: Any) -> Any:
     """A process's rows of a batch, as the global batch they are part of (shapes only)."""
 
@@ -141,6 +185,15 @@ def _global_rows(tree: Any) -> Any:
         return jax.ShapeDtypeStruct((shape[0] * jax.process_count(), *shape[1:]), _dtype(x))
 
     return jax.tree.map(one, tree)
+
+
+def _local(aval: jax.ShapeDtypeStruct, spec: PartitionSpec, mesh: Mesh) -> jax.ShapeDtypeStruct:
+    """The per-device shape of ``aval`` under ``spec`` (a spec naming manual axes only)."""
+    shape = list(aval.shape)
+    for d, entry in enumerate(spec):
+        for name in (entry,) if isinstance(entry, str) else entry or ():
+            shape[d] //= mesh.shape[name]
+    return jax.ShapeDtypeStruct(tuple(shape), aval.dtype)
 
 
 def _top_level(out: Any) -> tuple[Any, ...]:
@@ -181,7 +234,10 @@ def _constrain(out: Any, out_specs: Any, mesh: Mesh, plan: Plan) -> Any:
     def pin(x: Any, spec: PartitionSpec) -> Any:
         if not set(spec_axes(spec)) & auto:
             return x
-        return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+        # The manual axes of the spec are already in the output's type (shard_map's out_specs).
+        return jax.lax.with_sharding_constraint(
+            x, NamedSharding(mesh, _restrict(spec, frozenset(auto)))
+        )
 
     return jax.tree.map(pin, out, out_specs)
 

@@ -6,6 +6,7 @@ one program; `titanax.parallel.function` compiles it.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
@@ -31,6 +32,7 @@ class ArgInfo(NamedTuple):
     name: str  # "argument 0 (state)", for messages
     is_batch: bool
     mesh: Mesh
+    others: Any = None  # for layers with ``sees_others``: the merged specs of the other layers
 
 
 class Layer(NamedTuple):
@@ -46,6 +48,12 @@ class Layer(NamedTuple):
       batch_argnums: which positional arguments are batches.
       layout: ``layout(arg, info) -> tree of PartitionSpec`` naming only ``axis``.
       donate: whether non-batch arguments may be donated (``None``: no opinion).
+      sees_others: lay out after the other layers, with their merged specs in
+        ``ArgInfo.others`` (to pick dimensions they leave free).
+      enter: ``enter(args, specs, mesh, batch)``, a context entered while the
+        body is traced, given the global shapes of the arguments
+        (``ShapeDtypeStruct`` trees), their merged specs and the positions of
+        the batch arguments; ``None`` for none.
     """
 
     transform: str
@@ -55,6 +63,14 @@ class Layer(NamedTuple):
     batch_argnums: tuple[int, ...]
     layout: Callable[[Any, ArgInfo], Any]
     donate: bool | None = None
+    sees_others: bool = False
+    enter: (
+        Callable[
+            [Sequence[Any], Sequence[Any], Mesh, frozenset[int]],
+            contextlib.AbstractContextManager[None],
+        ]
+        | None
+    ) = None
 
     def describe(self) -> str:
         return f"{self.transform}(axis={self.axis!r})"
@@ -195,14 +211,15 @@ class Plan:
         out = []
         for i, arg in enumerate(args):
             info = ArgInfo(i, names[i], i in batch, mesh)
-            per_layer = [layer.layout(arg, info) for layer in self.layers]
-            merged = (
-                jax.tree.map(
-                    lambda x, *specs: _merge(x, specs, mesh), arg, *per_layer, is_leaf=None
-                )
-                if per_layer
-                else jax.tree.map(lambda _: P(), arg)
-            )
+            first = [layer.layout(arg, info) for layer in self.layers if not layer.sees_others]
+            merged = _merge_trees(arg, first, mesh)
+            last = [
+                layer.layout(arg, info._replace(others=merged))
+                for layer in self.layers
+                if layer.sees_others
+            ]
+            if last:
+                merged = _merge_trees(arg, [*first, *last], mesh)
             problems = [
                 f"{path}  shape {shape_of(leaf)}: {problem}"
                 for (path, leaf), spec in zip(leaves_with_paths(arg), _spec_leaves(merged))
@@ -223,6 +240,17 @@ class Plan:
             for layer in self.layers
         )
 
+    def entered(
+        self, args: Sequence[Any], specs: Sequence[Any], mesh: Mesh
+    ) -> contextlib.ExitStack:
+        """The layers' ``enter`` contexts, entered together while the body is traced."""
+        stack = contextlib.ExitStack()
+        batch = self.batch_indices(len(args))
+        for layer in self.layers:
+            if layer.enter is not None:
+                stack.enter_context(layer.enter(args, specs, mesh, batch))
+        return stack
+
 
 def _mesh_str(mesh: Mesh | None) -> str:
     if mesh is None:
@@ -232,6 +260,12 @@ def _mesh_str(mesh: Mesh | None) -> str:
 
 def _spec_leaves(tree: Any) -> list[PartitionSpec]:
     return jax.tree_util.tree_leaves(tree, is_leaf=_is_spec)
+
+
+def _merge_trees(arg: Any, per_layer: Sequence[Any], mesh: Mesh) -> Any:
+    if not per_layer:
+        return jax.tree.map(lambda _: P(), arg)
+    return jax.tree.map(lambda x, *specs: _merge(x, specs, mesh), arg, *per_layer)
 
 
 def _merge(leaf: Any, specs: Sequence[PartitionSpec], mesh: Mesh) -> PartitionSpec:

@@ -1,0 +1,409 @@
+import dataclasses
+
+import chex
+import hypothesis.strategies as st
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from hypothesis import given, settings
+from jax.sharding import PartitionSpec as P
+
+import titanax as tx
+from titanax.parallel import hlo
+from titanax.parallel.fully_sharded import split_dim
+from titanax.parallel.rules import spec_axes
+
+D, H = 16, 64
+
+
+def params(seed=0):
+    rng = np.random.default_rng(seed)
+    f = lambda *s: jnp.asarray(rng.normal(size=s) * 0.2, jnp.float32)  # noqa: E731
+    return {
+        "embed": f(32, D),  # 512 elements: replicated under min_size=1024
+        "mlp": {
+            "up": {"kernel": f(D, H), "bias": f(H)},
+            "down": {"kernel": f(H, D), "bias": f(D)},
+        },
+        "head": f(D, 8),
+    }
+
+
+def loss_fn(p, batch):
+    x, y = batch
+    h = jnp.tanh(x @ p["embed"])
+    h = (
+        h
+        + jnp.tanh(h @ p["mlp"]["up"]["kernel"] + p["mlp"]["up"]["bias"])
+        @ p["mlp"]["down"]["kernel"]
+    )
+    return jnp.mean((h @ p["head"] + p["mlp"]["down"]["bias"][:8] - y) ** 2)
+
+
+def batch(n=32, seed=1):
+    rng = np.random.default_rng(seed)
+    return rng.normal(size=(n, 32)).astype(np.float32), rng.normal(size=(n, 8)).astype(np.float32)
+
+
+def dp_step(state, b):
+    loss, grads = jax.value_and_grad(loss_fn)(state.params, b)
+    return state.apply_gradients(tx.pmean(grads, "data")), tx.pmean(loss, "data")
+
+
+def zero3_step(state, b):
+    p = tx.gather_params(state.params, "data")
+    loss, grads = jax.value_and_grad(loss_fn)(p, b)
+    return state.apply_gradients(tx.scatter_grads(grads, "data")), tx.pmean(loss, "data")
+
+
+def zero1_step(state, b):
+    loss, grads = jax.value_and_grad(loss_fn)(state.params, b)
+    grads = tx.scatter_grads(grads, "data")
+    shard = tx.shard_params(state.params, "data")
+    updates, opt_state = state.optimizer.update(grads, state.opt_state, shard)
+    new = tx.gather_params(optax.apply_updates(shard, updates), "data")
+    state = dataclasses.replace(state, params=new, opt_state=opt_state, step=state.step + 1)
+    return state, tx.pmean(loss, "data")
+
+
+OPT = optax.chain(tx.clip_by_global_norm(0.5), optax.adamw(1e-2, weight_decay=0.1))
+
+
+def run(step, mesh, steps=3, opt=OPT):
+    state = tx.TrainState.create(params(), opt)
+    losses = []
+    for i in range(steps):
+        state, loss = step(state, batch(seed=i))
+        losses.append(float(loss))
+    return state, losses
+
+
+def test_split_dim_rule():
+    assert split_dim((64, 256), P(), 8, 1024) == 1  # the largest dimension
+    assert split_dim((256, 64), P(), 8, 1024) == 0
+    assert split_dim((64, 256), P(None, "model"), 8, 1024) == 0  # a dimension TP leaves free
+    assert split_dim((64, 64), P(), 8, 1024) == 0  # ties: the first
+    assert split_dim((4, 3, 64), P(None, None, "model"), 8, 0) is None  # nothing divides
+    assert split_dim((512,), P(), 8, 1024) is None  # small
+    assert split_dim((512,), P(), 8, 0) == 0
+    assert split_dim((), P(), 8, 0) is None  # scalars
+
+
+def test_layout_splits_params_and_optimizer_state():
+    mesh = tx.mesh(data=8)
+    step = tx.fully_sharded(zero3_step, mesh=mesh)
+    state = tx.TrainState.create(params(), optax.adam(1e-3))
+    (specs, _), _ = step.specs(state, batch())
+    assert specs.params["mlp"]["up"]["kernel"] == P(None, "data")  # (16, 64): dim 1
+    assert specs.params["mlp"]["down"]["kernel"] == P("data")  # (64, 16): dim 0
+    assert specs.params["head"] == P()  # 128 elements: small
+    assert specs.params["embed"] == P()
+    mu = specs.opt_state[0].mu
+    assert mu["mlp"]["up"]["kernel"] == P(None, "data")
+    assert specs.opt_state[0].count == P()
+
+
+def test_per_device_bytes_are_total_over_8_plus_small_leaves():
+    mesh = tx.mesh(data=8)
+    step = tx.fully_sharded(zero3_step, mesh=mesh, min_size=256)
+    state, _ = run(step, mesh, steps=1)
+    split = replicated = 0
+    for leaf in jax.tree.leaves(state):
+        if leaf.sharding.spec == P() or all(e is None for e in leaf.sharding.spec):
+            replicated += leaf.nbytes
+        else:
+            split += leaf.nbytes
+    per_device = {d: 0 for d in mesh.devices.flat}
+    for leaf in jax.tree.leaves(state):
+        for shard in leaf.addressable_shards:
+            per_device[shard.device] += shard.data.nbytes
+    assert split > 4 * replicated  # most of the state is split
+    assert set(per_device.values()) == {split // 8 + replicated}
+
+
+def test_memory_analysis_argument_bytes_shrink():
+    mesh = tx.mesh(data=8)
+    state = tx.TrainState.create(params(), optax.adam(1e-3))
+    b = batch()
+    dp = tx.data_parallel(dp_step, mesh=mesh).lower(state, b).compile().memory_analysis()
+    fs = tx.fully_sharded(zero3_step, mesh=mesh, min_size=0).lower(state, b).compile()
+    state_bytes = sum(x.nbytes for x in jax.tree.leaves(state))
+    batch_bytes = sum(x.nbytes for x in b) // 8
+    assert dp.argument_size_in_bytes == state_bytes + batch_bytes
+    # everything splits on data=8 with min_size=0 but Adam's count (4 bytes) and the
+    # 8-element head bias slice: the state is stored at exactly 1/8
+    assert fs.memory_analysis().argument_size_in_bytes <= state_bytes // 8 + batch_bytes + 8
+
+
+@pytest.mark.parametrize("zero", [3, 1])
+def test_matches_data_parallel_bit_for_bit_over_steps(zero):
+    mesh = tx.mesh(data=8)
+    ref_state, ref_losses = run(tx.data_parallel(dp_step, mesh=mesh), mesh, steps=5)
+    if zero == 3:
+        step = tx.fully_sharded(zero3_step, mesh=mesh, min_size=256)
+    else:
+        step = tx.fully_sharded(zero1_step, mesh=mesh, shard="optimizer", min_size=256)
+    state, losses = run(step, mesh, steps=5)
+    np.testing.assert_allclose(losses, ref_losses, rtol=1e-6)
+    chex.assert_trees_all_close(
+        jax.tree.map(np.asarray, state.params),
+        jax.tree.map(np.asarray, ref_state.params),
+        rtol=1e-5,
+        atol=1e-6,
+    )
+    if zero == 1:  # ZeRO-1: parameters replicated, Adam's moments split
+        assert not spec_axes(state.params["mlp"]["up"]["kernel"].sharding.spec)
+        assert state.opt_state[1][0].mu["mlp"]["up"]["kernel"].sharding.spec == P(None, "data")
+
+
+@settings(max_examples=6, deadline=None)
+@given(
+    data=st.sampled_from([1, 2, 4, 8]),
+    min_size=st.sampled_from([0, 64, 1024]),
+    seed=st.integers(0, 3),
+)
+def test_property_one_step_matches_data_parallel(data, min_size, seed):
+    devices = jax.devices()[:data]
+    mesh = tx.mesh(devices=devices, data=data)
+    state = tx.TrainState.create(params(seed), optax.sgd(0.1))
+    ref, ref_loss = tx.data_parallel(dp_step, mesh=mesh, donate=False)(state, batch(seed=seed))
+    got, loss = tx.fully_sharded(zero3_step, mesh=mesh, min_size=min_size, donate=False)(
+        state, batch(seed=seed)
+    )
+    assert abs(float(loss) - float(ref_loss)) <= 1e-6 * abs(float(ref_loss))
+    chex.assert_trees_all_close(
+        jax.tree.map(np.asarray, got.params),
+        jax.tree.map(np.asarray, ref.params),
+        rtol=1e-6,
+        atol=1e-7,
+    )
+
+
+def test_hlo_one_all_gather_and_one_reduce_scatter_per_split_parameter():
+    mesh = tx.mesh(data=8)
+    state = tx.TrainState.create(params(), optax.adam(1e-3))
+    step = tx.fully_sharded(zero3_step, mesh=mesh, min_size=256)
+    (specs, _), _ = step.specs(state, batch())
+    n_split = sum(
+        1 for s in jax.tree.leaves(specs.params, is_leaf=lambda x: isinstance(x, P)) if s != P()
+    )
+    assert n_split == 3  # up/down kernels and embed (512); up's bias (64) is small
+    found = hlo.collectives(step.lower(state, batch()).compile().as_text(), mesh)
+    kinds = hlo.summary(found)
+    assert kinds[("all-gather", ("data",))] == n_split
+    assert kinds[("reduce-scatter", ("data",))] == n_split
+    # the all-reduces carry only the replicated leaves' gradients and the loss, never a split
+    # parameter's whole gradient
+    small = sum(
+        x.nbytes
+        for x, s in zip(
+            jax.tree.leaves(state.params),
+            jax.tree.leaves(specs.params, is_leaf=lambda x: isinstance(x, P)),
+        )
+        if s == P()
+    )
+    assert sum(c.bytes for c in found if c.kind == "all-reduce") <= small + 16
+    gathered = sum(c.bytes for c in found if c.kind == "all-gather")
+    assert gathered == sum(
+        x.nbytes
+        for x, s in zip(
+            jax.tree.leaves(state.params),
+            jax.tree.leaves(specs.params, is_leaf=lambda x: isinstance(x, P)),
+        )
+        if s != P()
+    )
+    assert "reduce-scatter" in str(step.explain(state, batch()))
+
+
+def test_composes_with_tensor_parallel_without_gathering_over_model():
+    mesh = tx.mesh(data=2, model=4)
+    rules = tx.rules.megatron_mlp() + tx.Rules((r".*", P()))
+    fs = tx.fully_sharded(tx.tensor_parallel(rules)(zero3_step), mesh=mesh, min_size=256)
+    dp = tx.data_parallel(tx.tensor_parallel(rules)(dp_step), mesh=mesh)
+    state = tx.TrainState.create(params(), optax.adam(1e-3))
+    (specs, _), _ = fs.specs(state, batch())
+    assert specs.params["mlp"]["up"]["kernel"] == P("data", "model")  # TP takes dim 1
+    assert specs.params["mlp"]["down"]["kernel"] == P("model", "data")
+    found = hlo.summary(hlo.collectives(fs.lower(state, batch()).compile().as_text(), mesh))
+    assert found[("all-gather", ("model",))] == 0  # each device gathers its model block only
+    assert found[("all-gather", ("data",))] == 3
+    _, ref_losses = run(dp, mesh, steps=3)
+    _, losses = run(fs, mesh, steps=3)
+    np.testing.assert_allclose(losses, ref_losses, rtol=1e-6)
+
+
+def test_global_norm_sees_the_whole_gradient():
+    mesh = tx.mesh(data=8)
+    p, b = params(), batch()
+    want = float(optax.tree.norm(jax.grad(loss_fn)(p, b)))
+
+    @tx.fully_sharded(mesh=mesh, donate=False, min_size=0)
+    def norms(params, b):
+        whole = tx.gather_params(params, "data")
+        shards = tx.scatter_grads(jax.grad(loss_fn)(whole, b), "data")
+        return tx.global_norm(shards, "data"), tx.global_norm(tx.gather_params(shards, "data"))
+
+    of_shards, of_whole = norms(p, b)
+    assert float(of_shards) == pytest.approx(want, rel=1e-6)
+    assert float(of_whole) == pytest.approx(want, rel=1e-6)  # whole leaves: counted once
+    g = jax.grad(loss_fn)(p, b)
+    assert float(tx.global_norm(g, "data")) == pytest.approx(want, rel=1e-7)  # no transform
+
+
+def test_clip_by_global_norm_is_optax_s_update():
+    g = jax.grad(loss_fn)(params(), batch())
+    ours, theirs = tx.clip_by_global_norm(0.1), optax.clip_by_global_norm(0.1)
+    a, _ = ours.update(g, ours.init(params()))
+    b, _ = theirs.update(g, theirs.init(params()))
+    chex.assert_trees_all_equal(a, b)
+
+
+def test_shard_params_slices_this_devices_block():
+    mesh = tx.mesh(data=8)
+    p = params()
+
+    @tx.fully_sharded(mesh=mesh, donate=False, batch_argnums=())
+    def whole_again(params):
+        return tx.gather_params(tx.shard_params(tx.gather_params(params, "data"), "data"), "data")
+
+    chex.assert_trees_all_equal(
+        jax.tree.map(np.asarray, whole_again(p)), jax.tree.map(np.asarray, p)
+    )
+
+
+def test_checkpoint_round_trips_between_fully_sharded_and_data_parallel(tmp_path):
+    mesh = tx.mesh(data=8)
+    fs = tx.fully_sharded(zero3_step, mesh=mesh, min_size=256)
+    dp = tx.data_parallel(dp_step, mesh=mesh)
+    state, _ = run(fs, mesh, steps=2)
+    with tx.checkpoint.Manager(tmp_path / "ckpt") as mngr:
+        mngr.save(2, state)
+        mngr.wait()
+        fresh = tx.TrainState.create(params(seed=5), OPT)
+        like_dp = dp.place(fresh, batch())[0]
+        as_dp = mngr.restore(2, like=like_dp)
+        single = jax.tree.map(
+            lambda x: jax.device_put(np.zeros(x.shape, x.dtype), jax.devices()[0]), fresh
+        )
+        as_one = mngr.restore(2, like=single)
+    whole = jax.tree.map(np.asarray, state)
+    chex.assert_trees_all_equal(jax.tree.map(np.asarray, as_dp), whole)
+    chex.assert_trees_all_equal(jax.tree.map(np.asarray, as_one), whole)
+    assert not spec_axes(as_dp.params["mlp"]["up"]["kernel"].sharding.spec)
+    # and back: the DP state saved, restored split
+    with tx.checkpoint.Manager(tmp_path / "back") as mngr:
+        mngr.save(2, as_dp)
+        mngr.wait()
+        like_fs = fs.place(tx.TrainState.create(params(seed=5), OPT), batch())[0]
+        as_fs = mngr.restore(2, like=like_fs)
+    assert as_fs.params["mlp"]["up"]["kernel"].sharding.spec == P(None, "data")
+    chex.assert_trees_all_equal(jax.tree.map(np.asarray, as_fs), whole)
+    # training continues identically from either layout
+    _, a = run_from(fs, as_fs)
+    _, b = run_from(dp, as_dp)
+    np.testing.assert_allclose(a, b, rtol=1e-6)
+
+
+def run_from(step, state, steps=2):
+    losses = []
+    for i in range(steps):
+        state, loss = step(state, batch(seed=10 + i))
+        losses.append(float(loss))
+    return state, losses
+
+
+def test_inside_a_pipeline_step_each_stage_is_split_over_data():
+    from tests.unit.test_pipeline import loss, problem, stage
+
+    mesh = tx.mesh(data=2, stage=4)
+    sp, x, t, lp = problem(4, 8, rows=2)
+    pipe = tx.pipeline(stage, schedule="1f1b", microbatches=4, loss=loss)
+    stage_rules = tx.Rules((r"^(w|b|w2)$", P("stage")), (r".*", P()))
+
+    def zero3(sp, lp, x, t):
+        whole, head = tx.gather_params(sp, "data"), tx.gather_params(lp, "data")
+        value, (g_sp, _, g_lp) = pipe(whole, x, t, head)
+        g_sp, g_lp = tx.scatter_grads(g_sp, "data"), tx.scatter_grads(g_lp, "data")
+        return tx.pmean(value, "data"), g_sp, g_lp
+
+    def dp(sp, lp, x, t):
+        value, (g_sp, _, g_lp) = pipe(sp, x, t, lp)
+        return tx.pmean(value, "data"), tx.pmean(g_sp, "data"), tx.pmean(g_lp, "data")
+
+    def wrap(f, outer):
+        return outer(
+            tx.tensor_parallel(stage_rules, axis="stage")(f),
+            mesh=mesh,
+            batch_argnums=(2, 3),
+            donate=False,
+        )
+
+    fs = tx.fully_sharded(
+        tx.tensor_parallel(stage_rules, axis="stage")(zero3),
+        mesh=mesh,
+        batch_argnums=(2, 3),
+        donate=False,
+        min_size=0,
+    )
+    ref = wrap(dp, tx.data_parallel)
+    (specs, *_), _ = fs.specs(sp, lp, x, t)
+    assert specs["w"] == P("stage", None, "data")  # (4, D, 2D): stage rows; 2D over data
+    assert specs["w2"] == P("stage", "data")  # (4, 2D, D)
+    value, g_sp, g_lp = fs(sp, lp, x, t)
+    assert g_sp["w"].sharding.spec == P("stage", None, "data")  # the gradient comes back split
+    r_value, r_sp, r_lp = ref(sp, lp, x, t)
+    np.testing.assert_allclose(float(value), float(r_value), rtol=1e-6)
+    chex.assert_trees_all_close(
+        jax.tree.map(np.asarray, g_sp), jax.tree.map(np.asarray, r_sp), rtol=1e-5, atol=1e-7
+    )
+    found = hlo.summary(hlo.collectives(fs.lower(sp, lp, x, t).compile().as_text(), mesh))
+    assert found[("all-gather", ("stage",))] == 0
+
+
+def test_errors_name_the_fault():
+    mesh = tx.mesh(data=8)
+    with pytest.raises(tx.PlanError, match="shard must be 'params'"):
+        tx.fully_sharded(zero3_step, mesh=mesh, shard="grads")
+    with pytest.raises(tx.PlanError, match="min_size"):
+        tx.fully_sharded(zero3_step, mesh=mesh, min_size=-1)
+    with pytest.raises(tx.CollectiveError, match="not bound"):
+        tx.gather_params(params(), "data")
+
+    @tx.data_parallel(mesh=mesh, donate=False)
+    def under_dp(p, b):
+        return tx.gather_params(p, "data")
+
+    with pytest.raises(tx.CollectiveError, match="not bound by tx.fully_sharded"):
+        under_dp(params(), batch())
+
+    @tx.fully_sharded(mesh=mesh, donate=False)
+    def stranger(p, b):
+        return tx.gather_params({"w": p["head"], "v": p["embed"]}, "data")
+
+    with pytest.raises(tx.CollectiveError, match="not laid out by fully_sharded"):
+        stranger(params(), batch())
+
+    @tx.fully_sharded(mesh=mesh, donate=False)
+    def twice(p, b):
+        return tx.scatter_grads(tx.scatter_grads(tx.gather_params(p, "data"), "data"), "data")
+
+    with pytest.raises(tx.CollectiveError, match="shard's shape"):
+        twice(params(), batch())
+
+    @tx.fully_sharded(mesh=mesh, shard="optimizer", donate=False)
+    def whole_already(state, b):
+        return tx.gather_params(state.params, "data")
+
+    with pytest.raises(tx.CollectiveError, match="already whole"):
+        whole_already(tx.TrainState.create(params(), optax.adam(1e-3)), batch())
+
+    @tx.fully_sharded(mesh=mesh)
+    def forgot_scatter(state, b):
+        p = tx.gather_params(state.params, "data")
+        grads = tx.pmean(jax.grad(loss_fn)(p, b), "data")
+        return state.apply_gradients(grads)
+
+    with pytest.raises(tx.PlanError, match="(?s)mlp/down/kernel.*scatter_grads"):
+        forgot_scatter(tx.TrainState.create(params(), optax.adam(1e-3)), batch())
