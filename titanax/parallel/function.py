@@ -81,9 +81,9 @@ class _Entry:
             with bind_axes(bound), plan.entered(avals, self.in_specs, self.mesh):
                 return fun(*local_args)
 
-        def smap(out_specs: Any) -> Callable[..., Any]:
+        def smap(out_specs: Any, f: Callable[..., Any] = body) -> Callable[..., Any]:
             return jax.shard_map(
-                body,
+                f,
                 mesh=self.cmesh,
                 in_specs=local_specs,
                 out_specs=out_specs,
@@ -98,7 +98,17 @@ class _Entry:
                     out = body(*global_args)
                     self.out_specs = _out_specs(out, avals, in_trees, self.in_specs, self.batch)
                 elif split_state:
-                    local_out = jax.eval_shape(smap(P()), *global_args)
+                    # Trace the body once to a jaxpr (for its output shapes), then run that
+                    # jaxpr under the shard_map whose out_specs the shapes decide.
+                    traced: dict[str, Any] = {}
+
+                    def trace_body(*local_args: Any) -> Any:
+                        closed, shapes = jax.make_jaxpr(body, return_shape=True)(*local_args)
+                        traced["jaxpr"], traced["shapes"] = closed, shapes
+                        return jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), shapes)
+
+                    jax.eval_shape(smap(P(), trace_body), *global_args)
+                    local_out, closed = traced["shapes"], traced["jaxpr"]
                     local_in = jax.tree.map(
                         lambda a, s: _local(a, s, self.mesh), avals, local_specs
                     )
@@ -108,7 +118,15 @@ class _Entry:
                     restricted = jax.tree.map(
                         lambda s: _restrict(s, manual), self.out_specs, is_leaf=_is_spec
                     )
-                    out = smap(restricted)(*global_args)
+                    out_tree = jax.tree.structure(local_out)
+
+                    def replay(*local_args: Any) -> Any:
+                        flat = jax.core.eval_jaxpr(
+                            closed.jaxpr, closed.consts, *jax.tree.leaves(local_args)
+                        )
+                        return jax.tree.unflatten(out_tree, flat)
+
+                    out = smap(restricted, replay)(*global_args)
                 else:
                     out = smap(P())(*global_args)
                     self.out_specs = _out_specs(out, avals, in_trees, self.in_specs, self.batch)
