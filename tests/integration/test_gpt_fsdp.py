@@ -61,7 +61,9 @@ def test_state_bytes_per_device_are_an_eighth_plus_small_leaves():
     for x in jax.tree.leaves(placed):
         for shard in x.addressable_shards:
             per_device[shard.device] = per_device.get(shard.device, 0) + shard.data.nbytes
-    print(f"state {split + small} B: {split} B split, {small} B replicated; per device {per_device}")
+    print(
+        f"state {split + small} B: {split} B split, {small} B replicated; per device {per_device}"
+    )
     assert set(per_device.values()) == {split // 8 + small}
     assert small < 0.05 * split
 
