@@ -407,3 +407,29 @@ def test_errors_name_the_fault():
 
     with pytest.raises(tx.PlanError, match="(?s)mlp/down/kernel.*scatter_grads"):
         forgot_scatter(tx.TrainState.create(params(), optax.adam(1e-3)), batch())
+
+
+def test_hybrid_split_within_data_and_replicated_across_replica():
+    # HSDP: state split over 'data' (4), replicated over 'replica' (2); batch over both
+    mesh = tx.mesh(replica=2, data=4)
+
+    def hybrid(state, b):
+        p = tx.gather_params(state.params, "data")
+        loss, grads = jax.value_and_grad(loss_fn)(p, b)
+        grads = tx.pmean(tx.scatter_grads(grads, "data"), "replica")
+        return state.apply_gradients(grads), tx.pmean(loss, ("replica", "data"))
+
+    def dp_both(state, b):
+        loss, grads = jax.value_and_grad(loss_fn)(state.params, b)
+        grads = tx.pmean(grads, ("replica", "data"))
+        return state.apply_gradients(grads), tx.pmean(loss, ("replica", "data"))
+
+    step = tx.data_parallel(tx.fully_sharded(hybrid, min_size=256), axis="replica", mesh=mesh)
+    ref = tx.data_parallel(tx.data_parallel(dp_both, axis="data"), axis="replica", mesh=mesh)
+    (specs, batch_spec), _ = step.specs(tx.TrainState.create(params(), OPT), batch())
+    assert specs.params["mlp"]["up"]["kernel"] == P(None, "data")
+    assert batch_spec == (P(("replica", "data")), P(("replica", "data")))
+    state, losses = run(step, mesh, steps=3)
+    _, ref_losses = run(ref, mesh, steps=3)
+    np.testing.assert_allclose(losses, ref_losses, rtol=1e-6)
+    assert state.params["mlp"]["up"]["kernel"].addressable_shards[0].data.shape == (D, H // 4)

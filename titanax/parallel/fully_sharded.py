@@ -253,7 +253,7 @@ def fully_sharded(
         outputs that differ between replicas.
 
     Examples:
-      >>> import jax, jax.numpy as jnp, optax, titanax as tx
+      >>> import jax, jax.numpy as jnp, numpy as np, optax, titanax as tx
       >>> mesh = tx.mesh(data=8)
       >>> def loss_fn(w, batch):
       ...     x, y = batch
@@ -269,8 +269,9 @@ def fully_sharded(
       >>> state, loss = step(state, (x, y))
       >>> state.params.sharding.spec, state.params.addressable_shards[0].data.shape
       (P('data', None), (2, 2))
-      >>> float(state.params[0, 0]), float(loss)                 # what data_parallel gives
-      (0.2, 1.0)
+      >>> w = np.asarray(state.params)                            # one whole array again
+      >>> w.shape, round(float(w[0, 0]), 6), float(loss)          # what data_parallel gives
+      ((16, 2), 0.1, 1.0)
     """
     check_axis("fully_sharded", axis, mesh)
     if shard not in ("params", "optimizer"):
