@@ -433,3 +433,84 @@ def test_hybrid_split_within_data_and_replicated_across_replica():
     _, ref_losses = run(ref, mesh, steps=3)
     np.testing.assert_allclose(losses, ref_losses, rtol=1e-6)
     assert state.params["mlp"]["up"]["kernel"].addressable_shards[0].data.shape == (D, H // 4)
+
+
+def layered_params(seed=0):
+    rng = np.random.default_rng(seed)
+    f = lambda *s: jnp.asarray(rng.normal(size=s) * 0.2, jnp.float32)  # noqa: E731
+    return {"layers": [{"w": f(32, 32), "b": f(32)} for _ in range(3)], "head": f(32, 8)}
+
+
+def block(p, h):
+    return h + jnp.tanh(h @ p["w"] + p["b"])
+
+
+def layered_loss(p, b):
+    h = b[0]
+    for layer in p["layers"]:
+        h = block(layer, h)
+    return jnp.mean((h @ p["head"] - b[1]) ** 2)
+
+
+def per_layer_loss(shards, b):
+    """ZeRO-3 a layer at a time: each layer gathered inside jax.checkpoint (again in the
+    backward pass), its gradient reduce-scattered by the gather's vjp."""
+    h = b[0]
+    for layer in shards["layers"]:
+        gathered = lambda s, h: block(tx.gather_params(s, "data", vjp="mean"), h)  # noqa: E731
+        h = jax.checkpoint(gathered)(layer, h)
+    head = tx.gather_params(shards["head"], "data", vjp="mean")
+    return jnp.mean((h @ head - b[1]) ** 2)
+
+
+def test_gathering_a_layer_at_a_time_under_remat():
+    mesh = tx.mesh(data=8)
+
+    @tx.fully_sharded(mesh=mesh, min_size=256)
+    def per_layer(state, b):
+        loss, grads = jax.value_and_grad(per_layer_loss)(state.params, b)  # reduced shards
+        return state.apply_gradients(grads), tx.pmean(loss, "data")
+
+    @tx.data_parallel(mesh=mesh)
+    def dp(state, b):
+        loss, grads = jax.value_and_grad(layered_loss)(state.params, b)
+        return state.apply_gradients(tx.pmean(grads, "data")), tx.pmean(loss, "data")
+
+    def go(step):
+        state, losses = tx.TrainState.create(layered_params(), optax.adam(1e-2)), []
+        for i in range(3):
+            state, loss = step(state, batch(seed=i))
+            losses.append(float(loss))
+        return state, losses
+
+    state, losses = go(per_layer)
+    ref_state, ref_losses = go(dp)
+    np.testing.assert_allclose(losses, ref_losses, rtol=1e-6)
+    chex.assert_trees_all_close(
+        jax.tree.map(np.asarray, state.params),
+        jax.tree.map(np.asarray, ref_state.params),
+        rtol=1e-5,
+        atol=1e-6,
+    )
+    assert state.params["layers"][0]["w"].sharding.spec[0] == "data"
+    lowered = per_layer.lower(state, batch())
+    found = hlo.summary(hlo.collectives(lowered.compile().as_text(), mesh))
+    # The program holds the 3 layer kernels gathered in the forward pass and again by remat,
+    # and the head once. XLA's CPU compiler then merges each recomputed gather with the
+    # forward's (it does not trade compute for memory), leaving 4.
+    assert lowered.as_text().count('"stablehlo.all_gather"') == 3 * 2 + 1
+    assert found[("all-gather", ("data",))] == 4
+    # one reduce-scatter per split gradient, in the gathers' backward passes
+    assert found[("reduce-scatter", ("data",))] == 4
+
+
+def test_differentiating_through_a_gather_needs_a_vjp():
+    mesh = tx.mesh(data=8)
+
+    @tx.fully_sharded(mesh=mesh, min_size=256, donate=False)
+    def hidden(state, b):
+        loss = lambda p: layered_loss(tx.gather_params(p, "data"), b)  # noqa: E731
+        return jax.grad(loss)(state.params)
+
+    with pytest.raises(tx.CollectiveError, match="(?s)gradient was taken through.*vjp='mean'"):
+        hidden(tx.TrainState.create(layered_params(), optax.sgd(0.1)), batch())

@@ -367,30 +367,74 @@ def _blockwise(fn: Callable[[Any], Any], x: Any, leaf: _Leaf) -> Any:
     )(x)
 
 
-def gather_params(tree: Any, axis: str = "data") -> Any:
+def _gather(x: Any, leaf: _Leaf, axis: str) -> Any:
+    if leaf.dim is None:
+        return x
+    dim = leaf.dim
+    return _blockwise(lambda a: c.all_gather(a, axis, axis=dim, tiled=True), x, leaf)
+
+
+def _scatter(x: Any, leaf: _Leaf, axis: str, mean: bool) -> Any:
+    if leaf.dim is None:
+        return (c.pmean if mean else c.psum)(x, axis)
+    dim = leaf.dim
+    out = _blockwise(lambda a: c.psum_scatter(a, axis, scatter_dimension=dim, tiled=True), x, leaf)
+    return out / leaf.size if mean else out
+
+
+def gather_params(
+    tree: Any, axis: str = "data", *, vjp: Literal["mean", "sum"] | None = None
+) -> Any:
     """The whole of each leaf of ``tree`` that is stored split along ``axis``: one
     all-gather per split leaf (replicated leaves pass as they are).
 
     ``tree`` is part of a ``fully_sharded`` state as the body received it
     (``state.params``), or shards shaped like it (ZeRO-1's updated shard).
 
+    Gather before ``jax.value_and_grad`` and reduce the whole gradients with
+    `scatter_grads`; or gather *inside* the differentiated function (a layer
+    at a time, under ``jax.checkpoint`` so that the backward pass gathers
+    again instead of keeping whole parameters) and say how its gradient is
+    reduced: ``vjp="mean"`` (or ``"sum"``) makes the backward pass of this
+    gather a reduce-scatter over ``axis`` (an all-reduce for replicated
+    leaves), so the gradients come back as reduced shards. With ``vjp=None``
+    differentiating through the gather is an error: its transpose is a
+    reduction, and Titanax inserts none that the step does not name.
+
     Raises:
       CollectiveError: outside a ``fully_sharded`` body over ``axis``, a tree
-        that matches no part of the state, or a leaf that is already whole.
+        that matches no part of the state, a leaf that is already whole, or
+        a gradient taken through the gather with ``vjp=None``.
     """
+    if vjp not in (None, "mean", "sum"):
+        raise CollectiveError(f"tx.gather_params: vjp must be None, 'mean' or 'sum', got {vjp!r}.")
     infos = _layout_of("gather_params", tree, axis)
 
     def one(x: Any, leaf: _Leaf) -> Any:
-        if leaf.dim is None:
-            return x
-        if shape_of(x) != leaf.shard_shape:
+        if leaf.dim is not None and shape_of(x) != leaf.shard_shape:
             raise CollectiveError(
                 f"tx.gather_params: {leaf.path} is already whole {leaf.shape} (stored "
                 f"replicated{', shard=' + repr('optimizer') if not leaf.stored_split else ''}); "
                 "gather shards only."
             )
-        dim = leaf.dim
-        return _blockwise(lambda a: c.all_gather(a, axis, axis=dim, tiled=True), x, leaf)
+
+        @jax.custom_vjp
+        def gather(a: Any) -> Any:
+            return _gather(a, leaf, axis)
+
+        def backward(_: None, ct: Any) -> tuple[Any]:
+            if vjp is None:
+                raise CollectiveError(
+                    f"tx.gather_params: a gradient was taken through the gather of {leaf.path}; "
+                    "its transpose is a reduction over "
+                    f"{axis!r}, which Titanax does not insert unasked. Gather before "
+                    "jax.value_and_grad and reduce with tx.scatter_grads, or pass "
+                    f"vjp='mean' to reduce-scatter the gradient in the backward pass."
+                )
+            return (_scatter(ct, leaf, axis, vjp == "mean"),)
+
+        gather.defvjp(lambda a: (gather(a), None), backward)
+        return gather(x)
 
     return jax.tree.unflatten(jax.tree.structure(tree), map(one, jax.tree.leaves(tree), infos))
 
@@ -415,13 +459,7 @@ def scatter_grads(tree: Any, axis: str = "data", *, mean: bool = True) -> Any:
                 f"tx.scatter_grads: {leaf.path} has the shard's shape {shape_of(x)}, not "
                 f"the whole {leaf.shape}: take gradients with respect to gathered parameters."
             )
-        if leaf.dim is None:
-            return (c.pmean if mean else c.psum)(x, axis)
-        dim = leaf.dim
-        out = _blockwise(
-            lambda a: c.psum_scatter(a, axis, scatter_dimension=dim, tiled=True), x, leaf
-        )
-        return out / leaf.size if mean else out
+        return _scatter(x, leaf, axis, mean)
 
     return jax.tree.unflatten(jax.tree.structure(tree), map(one, jax.tree.leaves(tree), infos))
 
