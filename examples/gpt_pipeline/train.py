@@ -44,9 +44,19 @@ def from_pipeline(params: gpt.Params) -> gpt.Params:
 
 
 def make_steps(
-    cfg: gpt.GPTConfig, mesh: Any, *, schedule: str, microbatches: int, virtual_stages: int = 1
+    cfg: gpt.GPTConfig,
+    mesh: Any,
+    *,
+    schedule: str,
+    microbatches: int,
+    virtual_stages: int = 1,
+    zero: int = 0,
 ) -> tuple[Any, Any]:
-    """The DP x PP training step and the evaluation step (which needs no pipeline)."""
+    """The DP x PP training step and the evaluation step (which needs no pipeline).
+
+    ``zero=3``: ``fully_sharded`` over ``data`` instead of ``data_parallel``; each
+    stage's blocks, and their Adam moments, are also split over ``data``.
+    """
     import jax
     from jax.sharding import PartitionSpec as P
 
@@ -61,7 +71,7 @@ def make_steps(
     )
 
     def train_step(state: Any, tokens: Any) -> tuple[Any, dict[str, Any]]:
-        p = state.params
+        p = tx.gather_params(state.params, "data") if zero else state.params
         x, embed_vjp = jax.vjp(
             lambda e: gpt.embed(e, tokens[:, :-1]), {"wte": p["wte"], "wpe": p["wpe"]}
         )
@@ -74,16 +84,24 @@ def make_steps(
             "wpe": g_embed["wpe"],
             "wte": g_embed["wte"] + g_head["wte"],  # tied: used by the embedding and the head
         }
-        grads = tx.pmean(grads, "data")
+        # the DP reduction: whole gradients averaged, or (ZeRO-3) each device keeps its shard
+        grads = tx.scatter_grads(grads, "data") if zero else tx.pmean(grads, "data")
         return state.apply_gradients(grads), {"loss": tx.pmean(loss, "data")}
 
     def eval_step(params: Any, tokens: Any) -> Any:
+        params = tx.gather_params(params, "data") if zero else params
         return tx.pmean(gpt.loss_fn(from_pipeline(params), tokens, cfg), "data")
+
+    if zero not in (0, 3):
+        raise ValueError(f"zero must be 0 (data_parallel) or 3 (fully_sharded), got {zero}")
 
     # Each stage's blocks (and their optimizer moments) live on their stage's devices.
     stage_layout = tx.Rules((r"blocks/", P("stage")), (r".*", P()))
-    train = tx.data_parallel(tx.tensor_parallel(stage_layout, axis="stage")(train_step), mesh=mesh)
-    evaluate = tx.data_parallel(eval_step, mesh=mesh, donate=False)
+    data = tx.fully_sharded if zero else tx.data_parallel
+    train = data(tx.tensor_parallel(stage_layout, axis="stage")(train_step), mesh=mesh)
+    evaluate = data(
+        tx.tensor_parallel(stage_layout, axis="stage")(eval_step), mesh=mesh, donate=False
+    )
     return train, evaluate
 
 
@@ -100,6 +118,7 @@ def train(
     seed: int = 0,
     eval_batches: int = 4,
     progress: bool = False,
+    zero: int = 0,
 ) -> tuple[Any, list[float], float]:
     """Trains for ``steps``; returns the state, the training losses and the validation loss."""
     import jax
@@ -111,7 +130,12 @@ def train(
     params = to_pipeline(gpt.init(jax.random.key(seed), cfg))
     state = tx.TrainState.create(params, optimizer)
     step, evaluate = make_steps(
-        cfg, mesh, schedule=schedule, microbatches=microbatches, virtual_stages=virtual_stages
+        cfg,
+        mesh,
+        schedule=schedule,
+        microbatches=microbatches,
+        virtual_stages=virtual_stages,
+        zero=zero,
     )
     state, losses = run(
         step,
@@ -144,6 +168,7 @@ class Config:
     heads: int = 4
     seq_len: int = 128
     seed: int = 0
+    zero: int = 0  # 0: data_parallel over data; 3: fully_sharded (ZeRO-3)
 
 
 CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "config.yaml")
@@ -161,7 +186,12 @@ def build(cfg: Config) -> tuple[Any, tuple[Any, ...]]:
         seq_len=cfg.seq_len, d_model=cfg.d_model, heads=cfg.heads, layers=cfg.stages * v
     )
     step, _ = make_steps(
-        gcfg, mesh, schedule=cfg.schedule, microbatches=cfg.microbatches, virtual_stages=v
+        gcfg,
+        mesh,
+        schedule=cfg.schedule,
+        microbatches=cfg.microbatches,
+        virtual_stages=v,
+        zero=cfg.zero,
     )
     state = tx.TrainState.create(
         to_pipeline(gpt.init(jax.random.key(cfg.seed), gcfg)), make_optimizer(cfg.lr, cfg.steps)
@@ -210,6 +240,7 @@ def main(argv: list[str] | None = None) -> float:
         lr=args.lr,
         seed=args.seed,
         progress=True,
+        zero=args.zero,
     )
     say(
         f"final train loss {losses[-1]:.4f}; validation loss {val_loss:.4f}, "

@@ -45,6 +45,20 @@ def test_loss_curve_matches_the_unpipelined_model(reference, schedule, virtual):
     assert losses[-1] < losses[0] - 0.5
 
 
+def test_zero3_pipeline_matches_the_unpipelined_model(reference):
+    mesh = tx.mesh(data=2, stage=4)
+    state, losses, val = pipelined.train(
+        CFG, mesh, steps=8, schedule="1f1b", microbatches=4, batch_size=8, eval_batches=2, zero=3
+    )
+    _, ref_losses, ref_val = reference
+    diff = float(np.max(np.abs(np.subtract(losses, ref_losses))))
+    print(f"ZeRO-3 x 1f1b: max |loss - unpipelined| over 8 steps {diff:.2e}")
+    assert diff < 1e-4 and abs(val - ref_val) < 1e-4
+    kernel = state.params["blocks"]["mlp"]["up"]["kernel"]  # (4 stages, 64, 256)
+    assert kernel.sharding.spec == jax.sharding.PartitionSpec("stage", None, "data")
+    assert kernel.addressable_shards[0].data.shape == (1, 64, 128)
+
+
 def test_stage_parameters_live_on_their_stage():
     mesh = tx.mesh(data=2, stage=4)
     step, _ = pipelined.make_steps(CFG, mesh, schedule="1f1b", microbatches=4)
