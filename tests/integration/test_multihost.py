@@ -36,8 +36,9 @@ def test_mnist_on_2_processes_equals_1_process(tmp_path):
     assert np.max(np.abs(np.subtract(two, one))) < 1e-5
 
 
-def test_dp_x_tp_on_2_processes_equals_1_process(tmp_path):
-    args = ["--mesh", "data=2,model=4", *SMALL_GPT, "--steps", "4"]
+@pytest.mark.parametrize("zero", ["0", "3"])  # data_parallel, fully_sharded: data spans processes
+def test_dp_x_tp_on_2_processes_equals_1_process(tmp_path, zero):
+    args = ["--mesh", "data=2,model=4", *SMALL_GPT, "--steps", "4", "--zero", zero]
     done = launch(
         2, "examples/gpt_small_tp/train.py", *args, "--metrics", str(tmp_path / "two.jsonl")
     )
