@@ -77,5 +77,5 @@ def _check_shapes(grads: Any, params: Any) -> None:
             "TrainState.apply_gradients: gradients and parameters differ in shape:\n"
             + bullets(bad)
             + "\nUnder tx.fully_sharded the parameters are shards: reduce whole gradients with "
-            "grads = tx.scatter_grads(grads, 'data'), not tx.pmean."
+            "grads = tx.scatter_grads(grads, axis), not tx.pmean."
         )

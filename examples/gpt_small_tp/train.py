@@ -84,11 +84,12 @@ def make_steps(cfg: gpt.GPTConfig, mesh: Any, zero: int = 0) -> tuple[Any, Any]:
     if zero == 0:
         outer, step = tx.data_parallel(mesh=mesh), dp_step
         evaluate = tx.data_parallel(mesh=mesh, donate=False)
-    else:
-        shard = "params" if zero == 3 else "optimizer"
-        outer = tx.fully_sharded(mesh=mesh, shard=shard)
-        step = zero3_step if zero == 3 else zero1_step
-        evaluate = tx.fully_sharded(mesh=mesh, shard=shard, donate=False)
+    elif zero == 3:
+        outer, step = tx.fully_sharded(mesh=mesh), zero3_step
+        evaluate = tx.fully_sharded(mesh=mesh, donate=False)  # parameters split as in training
+    else:  # ZeRO-1 splits the optimizer state only: evaluation is plain data parallelism
+        outer, step = tx.fully_sharded(mesh=mesh, shard="optimizer"), zero1_step
+        evaluate = tx.data_parallel(mesh=mesh, donate=False)
     train = outer(tx.tensor_parallel(rules)(step))
     return train, evaluate(tx.tensor_parallel(rules)(eval_step))
 

@@ -379,8 +379,15 @@ def test_errors_name_the_fault():
         under_dp(params(), batch())
 
     @tx.fully_sharded(mesh=mesh, donate=False)
-    def stranger(p, b):
-        return tx.gather_params({"w": p["head"], "v": p["embed"]}, "data")
+    def received(p, b):  # leaves as the body received them: known whatever the tree
+        return tx.gather_params({"w": p["mlp"]["up"]["kernel"], "v": p["embed"]}, "data")
+
+    got = received(params(), batch())
+    np.testing.assert_array_equal(np.asarray(got["w"]), np.asarray(params()["mlp"]["up"]["kernel"]))
+
+    @tx.fully_sharded(mesh=mesh, donate=False)
+    def stranger(p, b):  # computed leaves in a tree that is no part of the state
+        return tx.gather_params({"w": p["head"] * 2, "v": p["embed"]}, "data")
 
     with pytest.raises(tx.CollectiveError, match="not laid out by fully_sharded"):
         stranger(params(), batch())
@@ -514,3 +521,147 @@ def test_differentiating_through_a_gather_needs_a_vjp():
 
     with pytest.raises(tx.CollectiveError, match="(?s)gradient was taken through.*vjp='mean'"):
         hidden(tx.TrainState.create(layered_params(), optax.sgd(0.1)), batch())
+
+
+def test_a_reduced_metric_with_a_shards_shape_stays_replicated():
+    mesh = tx.mesh(data=8)
+    w = jnp.asarray(np.random.default_rng(0).normal(size=(64, 8)), jnp.float32)  # shard: (8, 8)
+
+    @tx.fully_sharded(mesh=mesh, min_size=8, donate=False)
+    def step(w, b):
+        x, _ = b
+        whole = tx.gather_params(w, "data")
+        gram = tx.pmean(x[:, :8].T @ x[:, :8], "data")  # (8, 8): a shard's shape, reduced
+        return w * 1.0, gram, whole[:8] * 1.0  # the last: varying? no, gathered
+
+    new_w, gram, top = step(w, batch(64))
+    assert new_w.shape == (64, 8) and "data" in new_w.sharding.spec
+    x = batch(64)[0]
+    np.testing.assert_allclose(
+        np.asarray(gram),
+        x[:, :8].T @ x[:, :8] / 8,
+        rtol=1e-5,  # mean of 8 replicas' sums
+    )
+    assert gram.shape == (8, 8) and top.shape == (8, 8)
+    np.testing.assert_array_equal(np.asarray(top), np.asarray(w[:8]))
+
+
+def test_state_returned_where_no_layout_follows_is_an_error():
+    mesh = tx.mesh(data=8)
+
+    @tx.fully_sharded(mesh=mesh, min_size=256, donate=False)
+    def nested(state, b):
+        p = tx.gather_params(state.params, "data")
+        grads = tx.scatter_grads(jax.grad(loss_fn)(p, b), "data")
+        return {"state": state.apply_gradients(grads)}
+
+    state = tx.TrainState.create(jax.tree.map(jnp.zeros_like, params()), optax.sgd(0.1))
+    with pytest.raises(tx.PlanError, match="(?s)shard.*of split state.*top-level output"):
+        nested(state, batch())
+
+
+def test_zero1_finds_an_argument_named_opt_state_and_needs_one():
+    mesh = tx.mesh(data=8)
+    opt = optax.adam(1e-3)
+
+    @tx.fully_sharded(mesh=mesh, shard="optimizer", min_size=256, batch_argnums=2, donate=False)
+    def step(params, opt_state, b):
+        grads = tx.scatter_grads(jax.grad(loss_fn)(params, b), "data")
+        shard = tx.shard_params(params, "data")
+        updates, opt_state = opt.update(grads, opt_state, shard)
+        return tx.gather_params(optax.apply_updates(shard, updates), "data"), opt_state
+
+    p = params()
+    new_p, new_opt = step(p, opt.init(p), batch())
+    assert new_opt[0].mu["mlp"]["up"]["kernel"].sharding.spec == P(None, "data")
+    assert not spec_axes(new_p["mlp"]["up"]["kernel"].sharding.spec)
+
+    evaluate = tx.fully_sharded(
+        lambda p, b: tx.pmean(loss_fn(p, b), "data"), mesh=mesh, shard="optimizer"
+    )
+    with pytest.raises(tx.PlanError, match="shard='optimizer'.*has none"):
+        evaluate(p, batch())
+
+
+def test_gathering_a_layer_inside_a_scan_over_stacked_layers():
+    mesh = tx.mesh(data=8)
+    layers = layered_params()["layers"]
+    stacked = {
+        "layers": jax.tree.map(lambda *a: jnp.stack(a), *layers),  # w: (3, 32, 32)
+        "head": layered_params()["head"],
+    }
+
+    def scanned_loss(shards, b):
+        def one(h, layer):  # layer: this layer's shards, a slice of the stacked leaves
+            return block(tx.gather_params(layer, "data", vjp="mean"), h), None
+
+        h, _ = jax.lax.scan(jax.checkpoint(one), b[0], shards["layers"])
+        head = tx.gather_params(shards["head"], "data", vjp="mean")
+        return jnp.mean((h @ head - b[1]) ** 2)
+
+    @tx.fully_sharded(mesh=mesh, min_size=256)
+    def step(state, b):
+        loss, grads = jax.value_and_grad(scanned_loss)(state.params, b)
+        return state.apply_gradients(grads), tx.pmean(loss, "data")
+
+    state = tx.TrainState.create(stacked, optax.adam(1e-2))
+    (specs, _), _ = step.specs(state, batch())
+    assert specs.params["layers"]["w"] == P(None, "data")  # (3, 32, 32): the layer dims
+    ref = tx.TrainState.create(layered_params(), optax.adam(1e-2))
+    dp = tx.data_parallel(
+        lambda s, b: (
+            s.apply_gradients(tx.pmean(jax.grad(layered_loss)(s.params, b), "data")),
+            tx.pmean(layered_loss(s.params, b), "data"),
+        ),
+        mesh=mesh,
+    )
+    for i in range(3):
+        state, loss = step(state, batch(seed=i))
+        ref, ref_loss = dp(ref, batch(seed=i))
+        assert float(loss) == pytest.approx(float(ref_loss), rel=1e-6)
+    np.testing.assert_allclose(
+        np.asarray(state.params["layers"]["w"][1]),
+        np.asarray(ref.params["layers"][1]["w"]),
+        rtol=1e-5,
+        atol=1e-6,
+    )
+
+
+def test_like_names_the_layout_of_one_ambiguous_leaf():
+    mesh = tx.mesh(data=2, model=4)
+    rules = tx.rules.megatron_mlp() + tx.Rules((r".*", P()))
+    p = {"mlp": {"up": {"kernel": jnp.ones((64, 64))}, "down": {"kernel": jnp.ones((64, 64))}}}
+
+    def up_grad(p, x):
+        w = tx.gather_params(p, "data")["mlp"]["up"]["kernel"]
+        g = jax.grad(lambda w: jnp.sum(jnp.tanh(x @ w)))(w)
+        with pytest.raises(tx.CollectiveError, match="like="):
+            tx.scatter_grads(g, "data")  # (64, 64): up's layout or down's?
+        up = tx.scatter_grads(g, "data", like=p["mlp"]["up"]["kernel"])
+        down = tx.scatter_grads(g.T, "data", like=p["mlp"]["down"]["kernel"])
+        return {"mlp": {"up": {"kernel": up}, "down": {"kernel": down}}}  # shaped like p
+
+    f = tx.fully_sharded(tx.tensor_parallel(rules)(up_grad), mesh=mesh, donate=False)
+    x = np.ones((16, 64), np.float32)
+    assert f.specs(p, x)[0][0]["mlp"]["up"]["kernel"] == P("data", "model")
+    g = f(p, x)
+    assert g["mlp"]["up"]["kernel"].sharding.spec == P("data", "model")
+    assert g["mlp"]["down"]["kernel"].sharding.spec == P("model", "data")
+    np.testing.assert_allclose(
+        np.asarray(g["mlp"]["down"]["kernel"]), np.asarray(g["mlp"]["up"]["kernel"]).T
+    )
+
+
+def test_masked_clipping_sees_the_whole_norm():
+    mesh = tx.mesh(data=8)
+    mask = jax.tree.map(lambda x: x.ndim == 2, params())
+    opt = optax.chain(optax.masked(tx.clip_by_global_norm(0.05), mask), optax.sgd(0.1))
+    ref_opt = optax.chain(optax.masked(optax.clip_by_global_norm(0.05), mask), optax.sgd(0.1))
+    state, _ = run(tx.fully_sharded(zero3_step, mesh=mesh, min_size=256), mesh, steps=2, opt=opt)
+    ref, _ = run(tx.data_parallel(dp_step, mesh=mesh), mesh, steps=2, opt=ref_opt)
+    chex.assert_trees_all_close(
+        jax.tree.map(np.asarray, state.params),
+        jax.tree.map(np.asarray, ref.params),
+        rtol=1e-5,
+        atol=1e-7,
+    )

@@ -76,12 +76,24 @@ class _Leaf:
             return self.shape
         return tuple(s // self.size if d == self.dim else s for d, s in enumerate(self.shape))
 
+    def inner(self, k: int) -> _Leaf | None:
+        """The layout of one slice ``x[i_0, ..., i_{k-1}]`` (a layer of stacked layers), or
+        ``None`` when the slice would cut the split dimension."""
+        if k == 0:
+            return self
+        if self.dim is not None and self.dim < k:
+            return None
+        dim = None if self.dim is None else self.dim - k
+        spec = P(*tuple(self.spec)[k:])
+        return dataclasses.replace(self, shape=self.shape[k:], dim=dim, spec=spec)
+
 
 class _Registry(NamedTuple):
     where: str  # "fully_sharded(axis='data')"
     axis: str
     size: int
     states: tuple[Any, ...]  # one tree of _Leaf per non-batch argument
+    received: dict[int, tuple[Any, _Leaf]]  # id(leaf the body received) -> (the leaf, layout)
 
 
 _ACTIVE: contextvars.ContextVar[tuple[_Registry, ...]] = contextvars.ContextVar(
@@ -110,8 +122,9 @@ def split_dim(shape: Sequence[int], taken: PartitionSpec, size: int, min_size: i
     return max(free, key=lambda d: (shape[d], -d)) if free else None
 
 
-def _is_optimizer_state(path: str) -> bool:
-    return "opt_state" in path.split("/")
+def _is_optimizer_state(path: str, name: str) -> bool:
+    """A leaf under an ``opt_state`` key, or of an argument named ``opt_state``."""
+    return "opt_state" in path.split("/") or name.endswith("(opt_state)")
 
 
 def _layout(axis: str, shard: Shard, min_size: int) -> Callable[[Any, ArgInfo], Any]:
@@ -124,26 +137,29 @@ def _layout(axis: str, shard: Shard, min_size: int) -> Callable[[Any, ArgInfo], 
         specs = []
         for (path, leaf), taken in zip(leaves_with_paths(arg), _spec_leaves(info.others)):
             dim = split_dim(shape_of(leaf), taken, size, min_size)
-            split = dim is not None and (shard == "params" or _is_optimizer_state(path))
+            split = dim is not None and (shard == "params" or _is_optimizer_state(path, info.name))
             specs.append(P(*[None] * dim, axis) if split and dim is not None else P())
         return jax.tree.unflatten(jax.tree.structure(arg), specs)
 
     return layout
 
 
-def _enter(
-    axis: str, shard: Shard, min_size: int
-) -> Callable[[Sequence[Any], Sequence[Any], Mesh, frozenset[int]], Any]:
+def _enter(axis: str, shard: Shard, min_size: int) -> Callable[..., Any]:
     where = f"fully_sharded(axis={axis!r})"
 
     @contextlib.contextmanager
     def enter(
-        avals: Sequence[Any], specs: Sequence[Any], mesh: Mesh, batch: frozenset[int]
+        avals: Sequence[Any],
+        specs: Sequence[Any],
+        mesh: Mesh,
+        batch: frozenset[int],
+        local_args: Sequence[Any],
     ) -> Iterator[None]:
         size = mesh.shape[axis]
         others = frozenset(mesh.axis_names) - {axis}
         states = []
-        for i, (tree, spec_tree) in enumerate(zip(avals, specs)):
+        received: dict[int, tuple[Any, _Leaf]] = {}
+        for i, (tree, spec_tree, local) in enumerate(zip(avals, specs, local_args)):
             if i in batch:
                 continue
             leaves = []
@@ -160,7 +176,21 @@ def _enter(
                 )
                 leaves.append(_Leaf(path, aval.shape, dim, bool(stored), size, spec))
             states.append(jax.tree.unflatten(jax.tree.structure(tree), leaves))
-        token = _ACTIVE.set((*_ACTIVE.get(), _Registry(where, axis, size, tuple(states))))
+            for x, leaf in zip(jax.tree.leaves(local), leaves):
+                received[id(x)] = (x, leaf)  # the leaf itself is kept, so its id stays its own
+        if (
+            shard == "optimizer"
+            and not any(leaf.stored_split for s in states for leaf in jax.tree.leaves(s))
+            and any(leaf.dim is not None for s in states for leaf in jax.tree.leaves(s))
+        ):
+            raise PlanError(
+                f"{where}: shard='optimizer' splits the optimizer state, the leaves under an "
+                "'opt_state' key or of an argument named opt_state, but this step has none. "
+                "Pass a tx.TrainState (or name the argument opt_state); a step without "
+                "optimizer state (evaluation) needs no fully_sharded: use tx.data_parallel."
+            )
+        registry = _Registry(where, axis, size, tuple(states), received)
+        token = _ACTIVE.set((*_ACTIVE.get(), registry))
         try:
             yield
         finally:
@@ -311,11 +341,34 @@ def _registry(fn: str, axis: str) -> _Registry:
     return reg
 
 
-def _layout_of(fn: str, tree: Any, axis: str) -> list[_Leaf]:
-    """The `_Leaf` of every leaf of ``tree``, from the part of a state argument it matches."""
+def _layout_of(fn: str, tree: Any, axis: str, like: Any = None) -> list[_Leaf]:
+    """The `_Leaf` of every leaf of ``tree``.
+
+    Leaves the body received as they are are known exactly. Any other tree is matched,
+    by structure and shapes, to part of a state argument (``state.params``, its
+    gradients, ZeRO-1's updated shards), or to one slice of it along leading stacked
+    dimensions (a layer inside a ``lax.scan`` over stacked layers). ``like``: a tree the
+    body received, whose layout ``tree`` has.
+    """
     reg = _registry(fn, axis)
+    ref = tree if like is None else like
+    leaves = jax.tree.leaves(ref)
+    same: bool = jax.tree.structure(like) == jax.tree.structure(tree)  # type: ignore[operator]
+    if like is not None and not same:
+        raise CollectiveError(
+            f"tx.{fn}: like= must have the structure of the tree given "
+            f"({jax.tree.structure(like)} vs {jax.tree.structure(tree)})."
+        )
+    known = [reg.received.get(id(x)) for x in leaves]
+    if all(k is not None and k[0] is x for k, x in zip(known, leaves)):
+        return [k[1] for k in known if k is not None]
+    if like is not None:
+        raise CollectiveError(
+            f"tx.{fn}: like= must be leaves the step received as they are (e.g. "
+            "state.params['mlp']['kernel']), not values computed from them."
+        )
     treedef: Any = jax.tree.structure(tree)
-    shapes = [shape_of(x) for x in jax.tree.leaves(tree)]
+    shapes = [shape_of(x) for x in leaves]
     found: list[list[_Leaf]] = []
     near: list[str] = []
     for state in reg.states:
@@ -323,16 +376,12 @@ def _layout_of(fn: str, tree: Any, axis: str) -> list[_Leaf]:
         for part in parts:
             if jax.tree.structure(part) != treedef:
                 continue
-            leaves = jax.tree.leaves(part)
-            bad = [
-                f"{leaf.path}: {shape} is neither {leaf.shape} nor the shard {leaf.shard_shape}"
-                for leaf, shape in zip(leaves, shapes)
-                if shape not in (leaf.shape, leaf.shard_shape)
-            ]
-            if bad:
-                near.extend(bad[:1])
-            elif all([a.dim for a in leaves] != [b.dim for b in f] for f in found):
-                found.append(leaves)
+            match = _match(jax.tree.leaves(part), shapes, near)
+            key = _key(match or [], axis)
+            if match is not None and all(key != _key(f, axis) for f in found):
+                found.append(match)
+    if not found and (by_path := _by_path(tree, reg, axis)) is not None:
+        return by_path
     if not found:
         detail = f" Closest parts of the state differ in shape:\n{bullets(near)}" if near else ""
         raise CollectiveError(
@@ -342,11 +391,62 @@ def _layout_of(fn: str, tree: Any, axis: str) -> list[_Leaf]:
         )
     if len(found) > 1:
         raise CollectiveError(
-            f"tx.{fn}: the tree given matches several parts of the state that are split on "
-            f"different dimensions ({', '.join(f[0].path for f in found)}...). Pass the "
-            "tree of one of them, or make their rules agree."
+            f"tx.{fn}: the tree given matches several parts of the state that are laid out "
+            f"differently ({', '.join(f[0].path for f in found)}...). Pass like= the leaves "
+            "the step received for it (e.g. like=state.params['mlp']['up']['kernel'])."
         )
     return found[0]
+
+
+def _by_path(tree: Any, reg: _Registry, axis: str) -> list[_Leaf] | None:
+    """Layouts found leaf by leaf: a state leaf whose path ends with the leaf's path and whose
+    whole or shard shape it has (a tree of some of the gradients, e.g. under ``optax.masked``).
+    ``None`` unless every leaf finds layouts and they agree."""
+    state_leaves = [a for state in reg.states for a in jax.tree.leaves(state)]
+    out = []
+    for path, x in leaves_with_paths(tree):
+        if not path:
+            return None
+        shape = shape_of(x)
+        hits = [
+            a
+            for a in state_leaves
+            if (a.path == path or a.path.endswith("/" + path)) and shape in (a.shape, a.shard_shape)
+        ]
+        if not hits or len({tuple(_key([a], axis)) for a in hits}) > 1:
+            return None
+        out.append(hits[0])
+    return out
+
+
+def _key(leaves: list[_Leaf], axis: str) -> list[tuple[Any, ...]]:
+    """What a helper does with each leaf: the split dimension and the other axes' layout."""
+
+    def others(a: _Leaf) -> tuple[Any, ...]:
+        entries = list(_restrict(a.spec, frozenset(spec_axes(a.spec)) - {axis}))
+        while entries and entries[-1] is None:
+            entries.pop()
+        return tuple(entries)
+
+    return [(a.dim, others(a)) for a in leaves]
+
+
+def _match(part: list[_Leaf], shapes: list[tuple[int, ...]], near: list[str]) -> list[_Leaf] | None:
+    """``part``'s layouts if ``shapes`` are its whole or shard shapes, or those of one slice
+    along the same number of leading dimensions of every leaf."""
+    for k in range(1 + min((len(a.shape) for a in part), default=0)):
+        inner = [a.inner(k) for a in part]
+        if all(
+            a is not None and shape in (a.shape, a.shard_shape) for a, shape in zip(inner, shapes)
+        ):
+            return [a for a in inner if a is not None]
+    bad = [
+        f"{a.path}: {shape} is neither {a.shape} nor the shard {a.shard_shape}"
+        for a, shape in zip(part, shapes)
+        if shape not in (a.shape, a.shard_shape)
+    ]
+    near.extend(bad[:1])
+    return None
 
 
 def _blockwise(fn: Callable[[Any], Any], x: Any, leaf: _Leaf) -> Any:
@@ -383,7 +483,11 @@ def _scatter(x: Any, leaf: _Leaf, axis: str, mean: bool) -> Any:
 
 
 def gather_params(
-    tree: Any, axis: str = "data", *, vjp: Literal["mean", "sum"] | None = None
+    tree: Any,
+    axis: str = "data",
+    *,
+    vjp: Literal["mean", "sum"] | None = None,
+    like: Any = None,
 ) -> Any:
     """The whole of each leaf of ``tree`` that is stored split along ``axis``: one
     all-gather per split leaf (replicated leaves pass as they are).
@@ -401,6 +505,12 @@ def gather_params(
     differentiating through the gather is an error: its transpose is a
     reduction, and Titanax inserts none that the step does not name.
 
+    The layout of each leaf is known when ``tree`` holds leaves as the body
+    received them; any other tree is matched by structure and shapes to part
+    of the state (or to one slice of it along leading stacked dimensions, a
+    layer inside a ``lax.scan``). ``like=`` names the received leaves whose
+    layout ``tree`` has, where the shapes alone are ambiguous.
+
     Raises:
       CollectiveError: outside a ``fully_sharded`` body over ``axis``, a tree
         that matches no part of the state, a leaf that is already whole, or
@@ -408,7 +518,7 @@ def gather_params(
     """
     if vjp not in (None, "mean", "sum"):
         raise CollectiveError(f"tx.gather_params: vjp must be None, 'mean' or 'sum', got {vjp!r}.")
-    infos = _layout_of("gather_params", tree, axis)
+    infos = _layout_of("gather_params", tree, axis, like)
 
     def one(x: Any, leaf: _Leaf) -> Any:
         if leaf.dim is not None and shape_of(x) != leaf.shard_shape:
@@ -439,19 +549,21 @@ def gather_params(
     return jax.tree.unflatten(jax.tree.structure(tree), map(one, jax.tree.leaves(tree), infos))
 
 
-def scatter_grads(tree: Any, axis: str = "data", *, mean: bool = True) -> Any:
+def scatter_grads(tree: Any, axis: str = "data", *, mean: bool = True, like: Any = None) -> Any:
     """Each device's shard of the mean (or sum) over ``axis`` of whole gradients:
     one reduce-scatter per leaf split by the layout, one all-reduce per replicated leaf.
 
     The result is laid out like the state's shards, ready for
     ``state.apply_gradients``. This is the reduction of ``fully_sharded``,
-    as ``tx.pmean(grads, axis)`` is that of ``data_parallel``.
+    as ``tx.pmean(grads, axis)`` is that of ``data_parallel``. ``like=``: the
+    parameters as the body received them, where shapes alone are ambiguous
+    (see `gather_params`).
 
     Raises:
       CollectiveError: outside a ``fully_sharded`` body over ``axis``, a tree
         that matches no part of the state, or a leaf that is already a shard.
     """
-    infos = _layout_of("scatter_grads", tree, axis)
+    infos = _layout_of("scatter_grads", tree, axis, like)
 
     def one(x: Any, leaf: _Leaf) -> Any:
         if shape_of(x) != leaf.shape:
@@ -464,10 +576,10 @@ def scatter_grads(tree: Any, axis: str = "data", *, mean: bool = True) -> Any:
     return jax.tree.unflatten(jax.tree.structure(tree), map(one, jax.tree.leaves(tree), infos))
 
 
-def shard_params(tree: Any, axis: str = "data") -> Any:
+def shard_params(tree: Any, axis: str = "data", *, like: Any = None) -> Any:
     """This device's shard of each whole leaf of ``tree`` (no communication): under
     ZeRO-1, the slice of the replicated parameters that this device updates."""
-    infos = _layout_of("shard_params", tree, axis)
+    infos = _layout_of("shard_params", tree, axis, like)
     index = c.axis_index(axis)
 
     def one(x: Any, leaf: _Leaf) -> Any:
@@ -490,12 +602,15 @@ def global_norm(tree: Any, axis: str = "data") -> jax.Array:
     """
     if _active(axis) is None:
         return optax.tree.norm(tree)
-    infos = _layout_of("global_norm", tree, axis)
+    split_leaf = [
+        leaf.dim is not None and leaf.size > 1 and shape_of(x) == leaf.shard_shape
+        for x, leaf in zip(jax.tree.leaves(tree), _layout_of("global_norm", tree, axis))
+    ]
     split = jnp.zeros((), jnp.float32)
     whole = jnp.zeros((), jnp.float32)
-    for x, leaf in zip(jax.tree.leaves(tree), infos):
+    for x, is_split in zip(jax.tree.leaves(tree), split_leaf):
         sq = jnp.sum(jnp.square(jnp.abs(x))).astype(jnp.float32)
-        if leaf.dim is not None and leaf.size > 1 and shape_of(x) == leaf.shard_shape:
+        if is_split:
             split = split + sq
         else:
             whole = whole + sq

@@ -20,6 +20,7 @@ from titanax.parallel import hlo
 from titanax.parallel.collectives import bind_axes
 from titanax.parallel.plan import Layer, Plan, _is_spec, _restrict, _spec_leaves
 from titanax.parallel.rules import layout_table, spec_axes
+from titanax.parallel.varying import varying_axes
 
 __all__ = ["ParallelFunction", "apply_layer"]
 
@@ -78,7 +79,7 @@ class _Entry:
         )
 
         def body(*local_args: Any) -> Any:
-            with bind_axes(bound), plan.entered(avals, self.in_specs, self.mesh):
+            with bind_axes(bound), plan.entered(avals, self.in_specs, self.mesh, local_args):
                 return fun(*local_args)
 
         def smap(out_specs: Any, f: Callable[..., Any] = body) -> Callable[..., Any]:
@@ -112,8 +113,24 @@ class _Entry:
                     local_in = jax.tree.map(
                         lambda a, s: _local(a, s, self.mesh), avals, local_specs
                     )
+                    vary = varying_axes(
+                        closed.jaxpr,
+                        [frozenset(spec_axes(s)) & manual for s in _spec_leaves(local_specs)],
+                    )
                     self.out_specs = _out_specs(
-                        local_out, local_in, in_trees, self.in_specs, self.batch
+                        local_out, local_in, in_trees, self.in_specs, self.batch, vary, manual
+                    )
+                    _check_stray_shards(
+                        local_out,
+                        self.out_specs,
+                        vary,
+                        {
+                            shape_of(a)
+                            for i, (tree, spec_tree) in enumerate(zip(local_in, local_specs))
+                            if i not in self.batch
+                            for a, s in zip(jax.tree.leaves(tree), _spec_leaves(spec_tree))
+                            if spec_axes(s)
+                        },
                     )
                     restricted = jax.tree.map(
                         lambda s: _restrict(s, manual), self.out_specs, is_leaf=_is_spec
@@ -224,23 +241,63 @@ def _out_specs(
     in_trees: Sequence[Any],
     in_specs: Sequence[Any],
     batch: frozenset[int],
+    vary: Sequence[frozenset[str]] | None = None,
+    manual: frozenset[str] = frozenset(),
 ) -> Any:
-    """An output shaped like a non-batch input takes its layout; everything else is replicated."""
+    """An output shaped like a non-batch input takes its layout; everything else is replicated.
+
+    With ``vary`` (the manual axes each output leaf varies along), an output takes a
+    layout split along manual axes only if it varies along them: a reduced metric with a
+    shard's shape stays replicated.
+    """
     specs = []
+    leaf_vary = iter(vary if vary is not None else [])
     for part in _top_level(out):
         tree = jax.tree.structure(part)
-        shapes = [shape_of(x) for x in jax.tree.leaves(part)]
+        leaves = jax.tree.leaves(part)
+        shapes = [shape_of(x) for x in leaves]
+        part_vary = [next(leaf_vary) for _ in leaves] if vary is not None else None
         for i, arg in enumerate(args):
             if (
                 i not in batch
                 and in_trees[i] == tree
                 and shapes == [shape_of(x) for x in jax.tree.leaves(arg)]
+                and (
+                    part_vary is None
+                    or all(
+                        set(spec_axes(s)) & manual <= v
+                        for s, v in zip(_spec_leaves(in_specs[i]), part_vary)
+                    )
+                )
             ):
                 specs.append(in_specs[i])
                 break
         else:
             specs.append(jax.tree.map(lambda _: P(), part))
     return tuple(specs) if isinstance(out, tuple) else specs[0]
+
+
+def _check_stray_shards(
+    out: Any, out_specs: Any, vary: Sequence[frozenset[str]], shard_shapes: set[Any]
+) -> None:
+    """Raises for an output left replicated that varies across replicas with a shard's shape:
+    a shard of the state returned where its layout cannot follow it."""
+    specs = _spec_leaves(out_specs)
+    stray = [
+        f"output {path or '(the output)'}: shape {shape_of(x)}, varies along "
+        + ", ".join(repr(a) for a in sorted(v))
+        for (path, x), spec, v in zip(leaves_with_paths(out), specs, vary)
+        if v and not spec_axes(spec) and shape_of(x) in shard_shapes
+    ]
+    if stray:
+        raise PlanError(
+            f"{count(len(stray), 'output leaf', 'output leaves')} of the step "
+            f"{'is a shard' if len(stray) == 1 else 'are shards'} of split state, returned "
+            f"where no layout follows {'it' if len(stray) == 1 else 'them'}:\n{bullets(stray)}\n"
+            "An output takes a state argument's split layout only when it is a top-level "
+            "output with the argument's structure (return `state, metrics`, not "
+            "`{'state': state}`). A per-replica metric must be reduced (tx.pmean)."
+        )
 
 
 def _constrain(out: Any, out_specs: Any, mesh: Mesh, plan: Plan) -> Any:

@@ -50,10 +50,10 @@ class Layer(NamedTuple):
       donate: whether non-batch arguments may be donated (``None``: no opinion).
       sees_others: lay out after the other layers, with their merged specs in
         ``ArgInfo.others`` (to pick dimensions they leave free).
-      enter: ``enter(args, specs, mesh, batch)``, a context entered while the
-        body is traced, given the global shapes of the arguments
-        (``ShapeDtypeStruct`` trees), their merged specs and the positions of
-        the batch arguments; ``None`` for none.
+      enter: ``enter(args, specs, mesh, batch, local_args)``, a context entered
+        while the body is traced, given the global shapes of the arguments
+        (``ShapeDtypeStruct`` trees), their merged specs, the positions of the
+        batch arguments and the values the body receives; ``None`` for none.
     """
 
     transform: str
@@ -66,7 +66,7 @@ class Layer(NamedTuple):
     sees_others: bool = False
     enter: (
         Callable[
-            [Sequence[Any], Sequence[Any], Mesh, frozenset[int]],
+            [Sequence[Any], Sequence[Any], Mesh, frozenset[int], Sequence[Any]],
             contextlib.AbstractContextManager[None],
         ]
         | None
@@ -241,14 +241,14 @@ class Plan:
         )
 
     def entered(
-        self, args: Sequence[Any], specs: Sequence[Any], mesh: Mesh
+        self, args: Sequence[Any], specs: Sequence[Any], mesh: Mesh, local_args: Sequence[Any]
     ) -> contextlib.ExitStack:
         """The layers' ``enter`` contexts, entered together while the body is traced."""
         stack = contextlib.ExitStack()
         batch = self.batch_indices(len(args))
         for layer in self.layers:
             if layer.enter is not None:
-                stack.enter_context(layer.enter(args, specs, mesh, batch))
+                stack.enter_context(layer.enter(args, specs, mesh, batch, local_args))
         return stack
 
 
