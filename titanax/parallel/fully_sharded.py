@@ -12,9 +12,9 @@ Which dimension of a leaf is split is a rule, not a search: the largest
 dimension that divides by the axis size and that no other transform of the
 stack (a ``tensor_parallel`` rule, a pipeline's stage rows) already splits.
 Leaves with fewer than ``min_size`` elements, or with no such dimension, stay
-replicated. The body's helpers find a tree's layout by matching it, by
-structure and shapes, to part of a state argument (``state.params``, its
-gradients, ``state.opt_state``...).
+replicated. The body's helpers know the layout of every leaf the body received,
+and find that of other trees (gradients, updated shards, a layer sliced out of
+stacked layers) by structure and shapes; see `gather_params`.
 """
 
 from __future__ import annotations
@@ -48,6 +48,7 @@ from titanax.parallel.rules import spec_axes
 
 __all__ = [
     "fully_sharded",
+    "split_dim",
     "gather_params",
     "scatter_grads",
     "shard_params",
