@@ -665,3 +665,32 @@ def test_masked_clipping_sees_the_whole_norm():
         rtol=1e-5,
         atol=1e-7,
     )
+
+
+def test_replicated_argnums_keep_a_constant_whole_and_undonated():
+    mesh = tx.mesh(data=8)
+    table = jnp.asarray(np.random.default_rng(2).normal(size=(32, 32)), jnp.float32)
+
+    def with_table(p, table, b):
+        return loss_fn(p, (b[0] @ table, b[1]))
+
+    @tx.fully_sharded(mesh=mesh, min_size=256, replicated_argnums=1)
+    def step(state, table, b):
+        p = tx.gather_params(state.params, "data")
+        loss, grads = jax.value_and_grad(with_table)(p, table, b)
+        return state.apply_gradients(tx.scatter_grads(grads, "data")), tx.pmean(loss, "data")
+
+    @tx.data_parallel(mesh=mesh, donate=False)
+    def ref_step(state, table, b):
+        loss, grads = jax.value_and_grad(with_table)(state.params, table, b)
+        return state.apply_gradients(tx.pmean(grads, "data")), tx.pmean(loss, "data")
+
+    assert step.specs(tx.TrainState.create(params(), OPT), table, batch())[0][1] == P()
+    state, ref = tx.TrainState.create(params(), OPT), tx.TrainState.create(params(), OPT)
+    for i in range(2):  # the same table every step: kept whole, not donated
+        state, loss = step(state, table, batch(seed=i))
+        ref, ref_loss = ref_step(ref, table, batch(seed=i))
+        assert float(loss) == pytest.approx(float(ref_loss), rel=1e-6)
+    assert not table.is_deleted()
+    with pytest.raises(tx.PlanError, match="replicated_argnums must be an int"):
+        tx.fully_sharded(step, replicated_argnums="table")

@@ -128,12 +128,20 @@ def _is_optimizer_state(path: str, name: str) -> bool:
     return "opt_state" in path.split("/") or name.endswith("(opt_state)")
 
 
-def _layout(axis: str, shard: Shard, min_size: int) -> Callable[[Any, ArgInfo], Any]:
+def _positions(nums: tuple[int, ...], nargs: int) -> frozenset[int]:
+    return frozenset(i % nargs for i in nums if -nargs <= i < nargs)
+
+
+def _layout(
+    axis: str, shard: Shard, min_size: int, whole: tuple[int, ...]
+) -> Callable[[Any, ArgInfo], Any]:
     batch_layout = _batch_layout(axis, f"fully_sharded(axis={axis!r})")
 
     def layout(arg: Any, info: ArgInfo) -> Any:
         if info.is_batch:
             return batch_layout(arg, info)
+        if info.position in _positions(whole, info.nargs):
+            return jax.tree.map(lambda _: P(), arg)
         size = info.mesh.shape[axis]
         specs = []
         for (path, leaf), taken in zip(leaves_with_paths(arg), _spec_leaves(info.others)):
@@ -145,7 +153,7 @@ def _layout(axis: str, shard: Shard, min_size: int) -> Callable[[Any, ArgInfo], 
     return layout
 
 
-def _enter(axis: str, shard: Shard, min_size: int) -> Callable[..., Any]:
+def _enter(axis: str, shard: Shard, min_size: int, whole: tuple[int, ...]) -> Callable[..., Any]:
     where = f"fully_sharded(axis={axis!r})"
 
     @contextlib.contextmanager
@@ -161,7 +169,7 @@ def _enter(axis: str, shard: Shard, min_size: int) -> Callable[..., Any]:
         states = []
         received: dict[int, tuple[Any, _Leaf]] = {}
         for i, (tree, spec_tree, local) in enumerate(zip(avals, specs, local_args)):
-            if i in batch:
+            if i in batch or i in _positions(whole, len(avals)):
                 continue
             leaves = []
             for (path, aval), spec in zip(leaves_with_paths(tree), _spec_leaves(spec_tree)):
@@ -210,6 +218,7 @@ def fully_sharded(
     shard: Shard = "params",
     min_size: int = 1024,
     batch_argnums: int | Sequence[int] = (-1,),
+    replicated_argnums: int | Sequence[int] = (),
     donate: bool = True,
 ) -> Callable[[Callable[..., Any]], ParallelFunction]: ...
 
@@ -224,6 +233,7 @@ def fully_sharded(
     shard: Shard = "params",
     min_size: int = 1024,
     batch_argnums: int | Sequence[int] = (-1,),
+    replicated_argnums: int | Sequence[int] = (),
     donate: bool = True,
 ) -> ParallelFunction: ...
 
@@ -237,13 +247,14 @@ def fully_sharded(
     shard: Shard = "params",
     min_size: int = 1024,
     batch_argnums: int | Sequence[int] = (-1,),
+    replicated_argnums: int | Sequence[int] = (),
     donate: bool = True,
 ) -> ParallelFunction | Callable[[Callable[..., Any]], ParallelFunction]:
     """Data parallelism with the state stored split along ``axis`` (ZeRO-3, or ZeRO-1).
 
     Batches are split along ``axis`` as in `data_parallel`, and the body sees
-    per-replica values. Every non-batch leaf with at least ``min_size``
-    elements is stored split along ``axis`` on one dimension (the largest
+    per-replica values. Every leaf with at least ``min_size`` elements of
+    the other arguments (the state; not those in ``replicated_argnums``) is stored split along ``axis`` on one dimension (the largest
     that the axis size divides and no other transform of the stack splits;
     see `split_dim`): with ``shard="params"`` (ZeRO-3) the parameters and the
     optimizer state, with ``shard="optimizer"`` (ZeRO-1) only the leaves under
@@ -273,6 +284,9 @@ def fully_sharded(
       min_size: leaves with fewer elements stay replicated (biases, norms,
         scalars), so that they cost no collective of their own.
       batch_argnums: positions of the batch arguments (negative counts from the end).
+      replicated_argnums: positions of non-batch arguments that are not state
+        (a constant table, a mask): kept whole on every device, never split
+        and never donated.
       donate: donate the non-batch arguments (the state) to the output.
 
     Returns:
@@ -316,16 +330,18 @@ def fully_sharded(
             f"got {min_size!r}."
         )
     nums = normalize_argnums("fully_sharded", batch_argnums)
+    whole = normalize_argnums("fully_sharded", replicated_argnums, "replicated_argnums")
     layer = Layer(
         "fully_sharded",
         axis,
         True,
         mesh,
         nums,
-        _layout(axis, shard, min_size),
+        _layout(axis, shard, min_size, whole),
         bool(donate),
         sees_others=True,
-        enter=_enter(axis, shard, min_size),
+        enter=_enter(axis, shard, min_size, whole),
+        keep_argnums=whole,
     )
     return apply_layer(step, layer)
 

@@ -60,10 +60,14 @@ class _Entry:
         self.out_specs: Any = None
         self.checked = not manual  # replica agreement is checked once when axes are manual
         # Donate the state, not batches, keys or hyperparameters: arguments with an array leaf.
+        kept = plan.kept_indices(len(args))
         donate = tuple(
             i
             for i, a in enumerate(args)
-            if plan.donate and i not in self.batch and any(shape_of(x) for x in jax.tree.leaves(a))
+            if plan.donate
+            and i not in self.batch
+            and i not in kept
+            and any(shape_of(x) for x in jax.tree.leaves(a))
         )
         fun, bound = pf.fun, plan.bound_axes(self.mesh)
         in_trees = [jax.tree.structure(a) for a in args]

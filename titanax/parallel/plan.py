@@ -33,6 +33,7 @@ class ArgInfo(NamedTuple):
     is_batch: bool
     mesh: Mesh
     others: Any = None  # for layers with ``sees_others``: the merged specs of the other layers
+    nargs: int = 0  # how many arguments the call has (to resolve negative positions)
 
 
 class Layer(NamedTuple):
@@ -64,6 +65,7 @@ class Layer(NamedTuple):
     layout: Callable[[Any, ArgInfo], Any]
     donate: bool | None = None
     sees_others: bool = False
+    keep_argnums: tuple[int, ...] = ()  # non-batch arguments never donated (constants)
     enter: (
         Callable[
             [Sequence[Any], Sequence[Any], Mesh, frozenset[int], Sequence[Any]],
@@ -188,6 +190,12 @@ class Plan:
             return mesh
         return Mesh(mesh.devices, mesh.axis_names, axis_types=types)
 
+    def kept_indices(self, nargs: int) -> frozenset[int]:
+        """Positions of arguments that no layer lets be donated."""
+        return frozenset(
+            i % nargs for layer in self.layers for i in layer.keep_argnums if -nargs <= i < nargs
+        )
+
     def batch_indices(self, nargs: int) -> frozenset[int]:
         """Positions of batch arguments (in any layer) for a call with ``nargs`` arguments."""
         return frozenset(
@@ -210,7 +218,7 @@ class Plan:
                     )
         out = []
         for i, arg in enumerate(args):
-            info = ArgInfo(i, names[i], i in batch, mesh)
+            info = ArgInfo(i, names[i], i in batch, mesh, nargs=len(args))
             first = [layer.layout(arg, info) for layer in self.layers if not layer.sees_others]
             merged = _merge_trees(arg, first, mesh)
             last = [
@@ -295,15 +303,18 @@ def _restrict(spec: PartitionSpec, axes: frozenset[str]) -> PartitionSpec:
     return P(*entries)
 
 
-def normalize_argnums(transform: str, batch_argnums: int | Sequence[int]) -> tuple[int, ...]:
-    """Checks ``batch_argnums`` (an int or a sequence of ints) and returns a tuple."""
-    nums = (batch_argnums,) if isinstance(batch_argnums, int) else batch_argnums
+def normalize_argnums(
+    transform: str, argnums: int | Sequence[int], name: str = "batch_argnums"
+) -> tuple[int, ...]:
+    """Checks ``argnums`` (an int or a sequence of ints) and returns a tuple."""
+    nums = (argnums,) if isinstance(argnums, int) else argnums
     if not isinstance(nums, Sequence) or not all(
         isinstance(i, int) and not isinstance(i, bool) for i in nums
     ):
+        example = "(-1,) for a batch passed last" if name == "batch_argnums" else "(1,)"
         raise PlanError(
-            f"{transform}: batch_argnums must be an int or a tuple of ints, got {batch_argnums!r}. "
-            "E.g. batch_argnums=(-1,) for a batch passed last."
+            f"{transform}: {name} must be an int or a tuple of ints, got {argnums!r}. "
+            f"E.g. {name}={example}."
         )
     return tuple(nums)
 
