@@ -43,6 +43,7 @@ from titanax.parallel.plan import (
     _spec_leaves,
     check_axis,
     normalize_argnums,
+    resolve_argnums,
 )
 from titanax.parallel.rules import spec_axes
 
@@ -128,10 +129,6 @@ def _is_optimizer_state(path: str, name: str) -> bool:
     return "opt_state" in path.split("/") or name.endswith("(opt_state)")
 
 
-def _positions(nums: tuple[int, ...], nargs: int) -> frozenset[int]:
-    return frozenset(i % nargs for i in nums if -nargs <= i < nargs)
-
-
 def _layout(
     axis: str, shard: Shard, min_size: int, whole: tuple[int, ...]
 ) -> Callable[[Any, ArgInfo], Any]:
@@ -140,7 +137,7 @@ def _layout(
     def layout(arg: Any, info: ArgInfo) -> Any:
         if info.is_batch:
             return batch_layout(arg, info)
-        if info.position in _positions(whole, info.nargs):
+        if info.position in resolve_argnums(whole, info.nargs):
             return jax.tree.map(lambda _: P(), arg)
         size = info.mesh.shape[axis]
         specs = []
@@ -169,7 +166,7 @@ def _enter(axis: str, shard: Shard, min_size: int, whole: tuple[int, ...]) -> Ca
         states = []
         received: dict[int, tuple[Any, _Leaf]] = {}
         for i, (tree, spec_tree, local) in enumerate(zip(avals, specs, local_args)):
-            if i in batch or i in _positions(whole, len(avals)):
+            if i in batch or i in resolve_argnums(whole, len(avals)):
                 continue
             leaves = []
             for (path, aval), spec in zip(leaves_with_paths(tree), _spec_leaves(spec_tree)):

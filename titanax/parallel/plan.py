@@ -19,7 +19,7 @@ from titanax.errors import PlanError
 from titanax.parallel.collectives import BoundAxis
 from titanax.parallel.rules import spec_problem
 
-__all__ = ["Layer", "Plan", "ArgInfo", "normalize_argnums", "check_axis"]
+__all__ = ["Layer", "Plan", "ArgInfo", "normalize_argnums", "resolve_argnums", "check_axis"]
 
 P = PartitionSpec
 _is_spec = lambda x: isinstance(x, PartitionSpec)  # noqa: E731
@@ -192,14 +192,12 @@ class Plan:
 
     def kept_indices(self, nargs: int) -> frozenset[int]:
         """Positions of arguments that no layer lets be donated."""
-        return frozenset(
-            i % nargs for layer in self.layers for i in layer.keep_argnums if -nargs <= i < nargs
-        )
+        return frozenset().union(*(resolve_argnums(lay.keep_argnums, nargs) for lay in self.layers))
 
     def batch_indices(self, nargs: int) -> frozenset[int]:
         """Positions of batch arguments (in any layer) for a call with ``nargs`` arguments."""
-        return frozenset(
-            i % nargs for layer in self.layers for i in layer.batch_argnums if -nargs <= i < nargs
+        return frozenset().union(
+            *(resolve_argnums(lay.batch_argnums, nargs) for lay in self.layers)
         )
 
     def in_specs(self, args: Sequence[Any], mesh: Mesh, names: Sequence[str]) -> tuple[Any, ...]:
@@ -317,6 +315,12 @@ def normalize_argnums(
             f"E.g. {name}={example}."
         )
     return tuple(nums)
+
+
+def resolve_argnums(nums: Sequence[int], nargs: int) -> frozenset[int]:
+    """``nums`` as positions of a call with ``nargs`` arguments (negative ones count from the
+    end; those out of range name no argument)."""
+    return frozenset(i % nargs for i in nums if -nargs <= i < nargs)
 
 
 def check_axis(transform: str, axis: object, mesh: object) -> None:
