@@ -73,8 +73,8 @@ class _Entry:
         in_trees = [jax.tree.structure(a) for a in args]
         avals = jax.tree.map(lambda x: jax.ShapeDtypeStruct(shape_of(x), jnp.result_type(x)), args)
         local_specs = jax.tree.map(lambda s: _restrict(s, manual), self.in_specs, is_leaf=_is_spec)
-        # State stored split along a manual axis (fully_sharded) comes back split: the
-        # output layouts are then found by tracing once for shapes before the real trace.
+        # State stored split along a manual axis (fully_sharded) comes back split: which
+        # outputs are shards is known only from the traced body (see `outer`).
         split_state = any(
             spec_axes(s)
             for i, tree in enumerate(local_specs)
@@ -125,16 +125,7 @@ class _Entry:
                         local_out, local_in, in_trees, self.in_specs, self.batch, vary, manual
                     )
                     _check_stray_shards(
-                        local_out,
-                        self.out_specs,
-                        vary,
-                        {
-                            shape_of(a)
-                            for i, (tree, spec_tree) in enumerate(zip(local_in, local_specs))
-                            if i not in self.batch
-                            for a, s in zip(jax.tree.leaves(tree), _spec_leaves(spec_tree))
-                            if spec_axes(s)
-                        },
+                        local_out, self.out_specs, vary, local_in, local_specs, self.batch
                     )
                     restricted = jax.tree.map(
                         lambda s: _restrict(s, manual), self.out_specs, is_leaf=_is_spec
@@ -282,10 +273,22 @@ def _out_specs(
 
 
 def _check_stray_shards(
-    out: Any, out_specs: Any, vary: Sequence[frozenset[str]], shard_shapes: set[Any]
+    out: Any,
+    out_specs: Any,
+    vary: Sequence[frozenset[str]],
+    local_in: Sequence[Any],
+    local_specs: Sequence[Any],
+    batch: frozenset[int],
 ) -> None:
     """Raises for an output left replicated that varies across replicas with a shard's shape:
     a shard of the state returned where its layout cannot follow it."""
+    shard_shapes = {
+        shape_of(a)
+        for i, (tree, spec_tree) in enumerate(zip(local_in, local_specs))
+        if i not in batch
+        for a, s in zip(jax.tree.leaves(tree), _spec_leaves(spec_tree))
+        if spec_axes(s)
+    }
     specs = _spec_leaves(out_specs)
     stray = [
         f"output {path or '(the output)'}: shape {shape_of(x)}, varies along "
