@@ -108,16 +108,22 @@ def measure_dp():
     return compare("DP (MNIST MLP, data=8)", titanax_step, hand, make, (rep, dat), batch, steps=100)
 
 
-def measure_dp_tp():
-    """Titanax DP x TP step against jit + NamedSharding + shard_map by hand (GPT)."""
+def _gpt():
+    """The GPT of the TP, DP x TP and ZeRO-3 rows: config, a batch, and a state maker."""
     cfg = gpt.GPTConfig(seq_len=64, d_model=128, heads=4, layers=2)
-    mesh = tx.mesh(data=2, model=4)
     tokens = gpt.windows(gpt.corpus(), 8, cfg.seq_len + 1, np.random.default_rng(0))
-
     optimizer = optax.adam(1e-3)  # one object: the optimizer is static, part of the treedef
 
     def make():
         return tx.TrainState.create(gpt.init(jax.random.key(0), cfg), optimizer)
+
+    return cfg, tokens, make
+
+
+def measure_dp_tp():
+    """Titanax DP x TP step against jit + NamedSharding + shard_map by hand (GPT)."""
+    cfg, tokens, make = _gpt()
+    mesh = tx.mesh(data=2, model=4)
 
     titanax_step, _ = gpt_example.make_steps(cfg, mesh)
 
@@ -167,13 +173,8 @@ def test_dp_x_tp_step_overhead():
 
 def measure_tp():
     """Titanax TP step (tensor_parallel alone) against jit with in/out shardings by hand (GPT)."""
-    cfg = gpt.GPTConfig(seq_len=64, d_model=128, heads=4, layers=2)
+    cfg, tokens, make = _gpt()
     mesh = tx.mesh(devices=jax.devices()[:4], model=4)
-    tokens = gpt.windows(gpt.corpus(), 8, cfg.seq_len + 1, np.random.default_rng(0))
-    optimizer = optax.adam(1e-3)
-
-    def make():
-        return tx.TrainState.create(gpt.init(jax.random.key(0), cfg), optimizer)
 
     def body(state, tokens):  # global view: XLA partitions from the declared layouts
         loss, grads = jax.value_and_grad(gpt.loss_fn)(state.params, tokens, cfg)
@@ -206,13 +207,8 @@ def measure_tp():
 
 def measure_fsdp():
     """Titanax ZeRO-3 step against the same step written with shard_map by hand (GPT, data=8)."""
-    cfg = gpt.GPTConfig(seq_len=64, d_model=128, heads=4, layers=2)
+    cfg, tokens, make = _gpt()
     mesh = tx.mesh(data=8, model=1)  # the example composes with TP; model=1 here
-    tokens = gpt.windows(gpt.corpus(), 8, cfg.seq_len + 1, np.random.default_rng(0))
-    optimizer = optax.adam(1e-3)
-
-    def make():
-        return tx.TrainState.create(gpt.init(jax.random.key(0), cfg), optimizer)
 
     titanax_step, _ = gpt_example.make_steps(cfg, mesh, zero=3)
     specs = titanax_step.specs(make(), tokens)[0][0]  # the layout: data on one dimension
