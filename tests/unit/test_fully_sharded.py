@@ -71,13 +71,21 @@ def zero1_step(state, b):
 OPT = optax.chain(tx.clip_by_global_norm(0.5), optax.adamw(1e-2, weight_decay=0.1))
 
 
-def run(step, mesh, steps=3, opt=OPT):
-    state = tx.TrainState.create(params(), opt)
+def run(step, steps=3, opt=OPT, state=None, first_seed=0):
+    """``steps`` steps from ``state`` (default: a new state with ``opt``); the state and losses."""
+    state = tx.TrainState.create(params(), opt) if state is None else state
     losses = []
     for i in range(steps):
-        state, loss = step(state, batch(seed=i))
+        state, loss = step(state, batch(seed=first_seed + i))
         losses.append(float(loss))
     return state, losses
+
+
+def assert_close(a, b, rtol, atol):
+    """Trees equal to tolerance, compared on the host (any layout)."""
+    chex.assert_trees_all_close(
+        jax.tree.map(np.asarray, a), jax.tree.map(np.asarray, b), rtol=rtol, atol=atol
+    )
 
 
 def test_split_dim_rule():
@@ -108,7 +116,7 @@ def test_layout_splits_params_and_optimizer_state():
 def test_per_device_bytes_are_total_over_8_plus_small_leaves():
     mesh = tx.mesh(data=8)
     step = tx.fully_sharded(zero3_step, mesh=mesh, min_size=256)
-    state, _ = run(step, mesh, steps=1)
+    state, _ = run(step, steps=1)
     split = replicated = 0
     for leaf in jax.tree.leaves(state):
         if leaf.sharding.spec == P() or all(e is None for e in leaf.sharding.spec):
@@ -140,19 +148,14 @@ def test_memory_analysis_argument_bytes_shrink():
 @pytest.mark.parametrize("zero", [3, 1])
 def test_matches_data_parallel_bit_for_bit_over_steps(zero):
     mesh = tx.mesh(data=8)
-    ref_state, ref_losses = run(tx.data_parallel(dp_step, mesh=mesh), mesh, steps=5)
+    ref_state, ref_losses = run(tx.data_parallel(dp_step, mesh=mesh), steps=5)
     if zero == 3:
         step = tx.fully_sharded(zero3_step, mesh=mesh, min_size=256)
     else:
         step = tx.fully_sharded(zero1_step, mesh=mesh, shard="optimizer", min_size=256)
-    state, losses = run(step, mesh, steps=5)
+    state, losses = run(step, steps=5)
     np.testing.assert_allclose(losses, ref_losses, rtol=1e-6)
-    chex.assert_trees_all_close(
-        jax.tree.map(np.asarray, state.params),
-        jax.tree.map(np.asarray, ref_state.params),
-        rtol=1e-5,
-        atol=1e-6,
-    )
+    assert_close(state.params, ref_state.params, rtol=1e-5, atol=1e-6)
     if zero == 1:  # ZeRO-1: parameters replicated, Adam's moments split
         assert not spec_axes(state.params["mlp"]["up"]["kernel"].sharding.spec)
         assert state.opt_state[1][0].mu["mlp"]["up"]["kernel"].sharding.spec == P(None, "data")
@@ -173,12 +176,7 @@ def test_property_one_step_matches_data_parallel(data, min_size, seed):
         state, batch(seed=seed)
     )
     assert abs(float(loss) - float(ref_loss)) <= 1e-6 * abs(float(ref_loss))
-    chex.assert_trees_all_close(
-        jax.tree.map(np.asarray, got.params),
-        jax.tree.map(np.asarray, ref.params),
-        rtol=1e-6,
-        atol=1e-7,
-    )
+    assert_close(got.params, ref.params, rtol=1e-6, atol=1e-7)
 
 
 def test_hlo_one_all_gather_and_one_reduce_scatter_per_split_parameter():
@@ -229,8 +227,8 @@ def test_composes_with_tensor_parallel_without_gathering_over_model():
     found = hlo.summary(hlo.collectives(fs.lower(state, batch()).compile().as_text(), mesh))
     assert found[("all-gather", ("model",))] == 0  # each device gathers its model block only
     assert found[("all-gather", ("data",))] == 3
-    _, ref_losses = run(dp, mesh, steps=3)
-    _, losses = run(fs, mesh, steps=3)
+    _, ref_losses = run(dp, steps=3)
+    _, losses = run(fs, steps=3)
     np.testing.assert_allclose(losses, ref_losses, rtol=1e-6)
 
 
@@ -277,7 +275,7 @@ def test_checkpoint_round_trips_between_fully_sharded_and_data_parallel(tmp_path
     mesh = tx.mesh(data=8)
     fs = tx.fully_sharded(zero3_step, mesh=mesh, min_size=256)
     dp = tx.data_parallel(dp_step, mesh=mesh)
-    state, _ = run(fs, mesh, steps=2)
+    state, _ = run(fs, steps=2)
     with tx.checkpoint.Manager(tmp_path / "ckpt") as mngr:
         mngr.save(2, state)
         mngr.wait()
@@ -301,17 +299,9 @@ def test_checkpoint_round_trips_between_fully_sharded_and_data_parallel(tmp_path
     assert as_fs.params["mlp"]["up"]["kernel"].sharding.spec == P(None, "data")
     chex.assert_trees_all_equal(jax.tree.map(np.asarray, as_fs), whole)
     # training continues identically from either layout
-    _, a = run_from(fs, as_fs)
-    _, b = run_from(dp, as_dp)
+    _, a = run(fs, 2, state=as_fs, first_seed=10)
+    _, b = run(dp, 2, state=as_dp, first_seed=10)
     np.testing.assert_allclose(a, b, rtol=1e-6)
-
-
-def run_from(step, state, steps=2):
-    losses = []
-    for i in range(steps):
-        state, loss = step(state, batch(seed=10 + i))
-        losses.append(float(loss))
-    return state, losses
 
 
 def test_inside_a_pipeline_step_each_stage_is_split_over_data():
@@ -355,9 +345,7 @@ def test_inside_a_pipeline_step_each_stage_is_split_over_data():
     assert g_sp["w"].sharding.spec == P("stage", None, "data")  # the gradient comes back split
     r_value, r_sp, r_lp = ref(sp, lp, x, t)
     np.testing.assert_allclose(float(value), float(r_value), rtol=1e-6)
-    chex.assert_trees_all_close(
-        jax.tree.map(np.asarray, g_sp), jax.tree.map(np.asarray, r_sp), rtol=1e-5, atol=1e-7
-    )
+    assert_close((g_sp, g_lp), (r_sp, r_lp), rtol=1e-5, atol=1e-7)
     found = hlo.summary(hlo.collectives(fs.lower(sp, lp, x, t).compile().as_text(), mesh))
     assert found[("all-gather", ("stage",))] == 0
 
@@ -436,8 +424,8 @@ def test_hybrid_split_within_data_and_replicated_across_replica():
     (specs, batch_spec), _ = step.specs(tx.TrainState.create(params(), OPT), batch())
     assert specs.params["mlp"]["up"]["kernel"] == P(None, "data")
     assert batch_spec == (P(("replica", "data")), P(("replica", "data")))
-    state, losses = run(step, mesh, steps=3)
-    _, ref_losses = run(ref, mesh, steps=3)
+    state, losses = run(step, steps=3)
+    _, ref_losses = run(ref, steps=3)
     np.testing.assert_allclose(losses, ref_losses, rtol=1e-6)
     assert state.params["mlp"]["up"]["kernel"].addressable_shards[0].data.shape == (D, H // 4)
 
@@ -484,21 +472,12 @@ def test_gathering_a_layer_at_a_time_under_remat():
         return state.apply_gradients(tx.pmean(grads, "data")), tx.pmean(loss, "data")
 
     def go(step):
-        state, losses = tx.TrainState.create(layered_params(), optax.adam(1e-2)), []
-        for i in range(3):
-            state, loss = step(state, batch(seed=i))
-            losses.append(float(loss))
-        return state, losses
+        return run(step, 3, state=tx.TrainState.create(layered_params(), optax.adam(1e-2)))
 
     state, losses = go(per_layer)
     ref_state, ref_losses = go(dp)
     np.testing.assert_allclose(losses, ref_losses, rtol=1e-6)
-    chex.assert_trees_all_close(
-        jax.tree.map(np.asarray, state.params),
-        jax.tree.map(np.asarray, ref_state.params),
-        rtol=1e-5,
-        atol=1e-6,
-    )
+    assert_close(state.params, ref_state.params, rtol=1e-5, atol=1e-6)
     assert state.params["layers"][0]["w"].sharding.spec[0] == "data"
     lowered = per_layer.lower(state, batch())
     found = hlo.summary(hlo.collectives(lowered.compile().as_text(), mesh))
@@ -657,14 +636,9 @@ def test_masked_clipping_sees_the_whole_norm():
     mask = jax.tree.map(lambda x: x.ndim == 2, params())
     opt = optax.chain(optax.masked(tx.clip_by_global_norm(0.05), mask), optax.sgd(0.1))
     ref_opt = optax.chain(optax.masked(optax.clip_by_global_norm(0.05), mask), optax.sgd(0.1))
-    state, _ = run(tx.fully_sharded(zero3_step, mesh=mesh, min_size=256), mesh, steps=2, opt=opt)
-    ref, _ = run(tx.data_parallel(dp_step, mesh=mesh), mesh, steps=2, opt=ref_opt)
-    chex.assert_trees_all_close(
-        jax.tree.map(np.asarray, state.params),
-        jax.tree.map(np.asarray, ref.params),
-        rtol=1e-5,
-        atol=1e-7,
-    )
+    state, _ = run(tx.fully_sharded(zero3_step, mesh=mesh, min_size=256), steps=2, opt=opt)
+    ref, _ = run(tx.data_parallel(dp_step, mesh=mesh), steps=2, opt=ref_opt)
+    assert_close(state.params, ref.params, rtol=1e-5, atol=1e-7)
 
 
 def test_replicated_argnums_keep_a_constant_whole_and_undonated():
