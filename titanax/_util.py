@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Sequence
 from typing import Any
 
 import jax
 import numpy as np
+
+_VALUE_KEY = jax.tree_util.GetAttrKey("value")
 
 
 def path_str(keypath: Sequence[Any]) -> str:
@@ -14,9 +17,42 @@ def path_str(keypath: Sequence[Any]) -> str:
     return jax.tree_util.keystr(tuple(keypath), simple=True, separator="/")
 
 
+def _nnx_variable_types() -> tuple[type, ...]:
+    """Flax NNX's ``Variable`` classes, if ``flax.nnx`` is loaded (no Variable exists otherwise).
+
+    Looked up in ``sys.modules`` so that Titanax never imports flax. ``VariableState`` is the
+    separate class of an ``nnx.State``'s leaves before flax 0.11 (an alias of ``Variable`` since).
+    """
+    nnx = sys.modules.get("flax.nnx")
+    if nnx is None:
+        return ()
+    # vars(), not getattr(): flax 0.12 answers nnx.VariableState with a DeprecationWarning.
+    found = (vars(nnx).get(name) for name in ("Variable", "VariableState"))
+    return tuple({t for t in found if isinstance(t, type)})
+
+
 def leaves_with_paths(tree: Any) -> list[tuple[str, Any]]:
-    """The leaves of ``tree`` with their ``/``-joined paths, in flatten order."""
-    return [(path_str(p), x) for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]]
+    """The leaves of ``tree`` with their ``/``-joined paths, in flatten order.
+
+    An NNX ``Variable`` (a ``Param`` in an ``nnx.State``, an optimizer's moment) flattens to one
+    child under the key ``GetAttrKey('value')``; its path is the module path, without that key
+    (``'up/kernel'``, not ``'up/kernel/value'``), so that rules match as for Linen's parameters.
+    A dict key or a dataclass field named ``value`` stays in the path.
+    """
+    variables = _nnx_variable_types()
+    if not variables:
+        return [(path_str(p), x) for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]]
+    out = []
+    is_var = lambda x: isinstance(x, variables)  # noqa: E731
+    for path, node in jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_var)[0]:
+        if not is_var(node):
+            out.append((path_str(path), node))
+            continue
+        # Measured on flax 0.12.8: _variable_flatten_with_keys gives the one key GetAttrKey("value").
+        for inner, x in jax.tree_util.tree_flatten_with_path(node)[0]:
+            keep = inner[1:] if inner[:1] == (_VALUE_KEY,) else inner
+            out.append((path_str((*path, *keep)), x))
+    return out
 
 
 def shape_of(x: Any) -> tuple[int, ...]:
