@@ -9,19 +9,22 @@ from typing import Any
 
 
 def start(devices: int) -> None:
-    """Simulates ``devices`` CPU devices and joins the other processes, if any.
+    """Simulates ``devices`` CPU devices in all and joins the other processes, if any.
 
-    Under ``titanax launch`` the launcher decides the devices of each process
-    (``JAX_NUM_CPU_DEVICES``) and ``tx.distributed.initialize()`` joins them;
-    run directly, it is one process with ``devices`` simulated devices.
+    Run directly, it is one process with ``devices`` simulated devices. Under
+    ``titanax launch --nproc N`` each process simulates its share, ``devices / N``
+    (``--devices-per-process`` decides instead when given), and
+    ``tx.distributed.initialize()`` joins them: every process then holds part of a
+    mesh over ``jax.devices()[:devices]``.
     """
     import jax
 
     import titanax as tx
 
     if "JAX_NUM_CPU_DEVICES" not in os.environ:
+        processes = int(os.environ.get(tx.distributed.ENV_NUM_PROCESSES, "1"))
         try:  # must come before JAX starts (GPUs are real devices: it changes nothing there)
-            jax.config.update("jax_num_cpu_devices", devices)
+            jax.config.update("jax_num_cpu_devices", max(devices // processes, 1))
         except RuntimeError:  # JAX already started (e.g. under pytest): use what is there
             pass
     tx.distributed.initialize(heartbeat_s=10)

@@ -56,7 +56,7 @@ def _suggest(axes: dict[str, int], n: int) -> str:
 
 
 def mesh(devices: Sequence[jax.Device] | None = None, **axes: int) -> Mesh:
-    """Builds a named device mesh with ``Explicit`` axes.
+    """Builds a named device mesh with ``Auto`` axes.
 
     Axes are given in order, as keyword arguments ``name=size``. Sizes multiply
     to the number of devices; one size may be ``-1``, meaning "all remaining
@@ -69,7 +69,11 @@ def mesh(devices: Sequence[jax.Device] | None = None, **axes: int) -> Mesh:
       **axes: axis name to size, in mesh order.
 
     Returns:
-      A `jax.sharding.Mesh` whose axes are all ``AxisType.Explicit``.
+      A `jax.sharding.Mesh` whose axes are all ``AxisType.Auto``: layouts come from
+      Titanax's transforms and rules, not from array types, so arrays laid out on it
+      work in any JAX code (an ``Explicit`` axis in an array's type makes ordinary
+      model code raise ``ShardingTypeError`` on a sharded contraction). Transforms
+      accept meshes of any axis types and return arrays on the ``Auto`` view.
 
     Raises:
       MeshError: no axes, an empty axis name, a size that is not a positive
@@ -137,7 +141,7 @@ def mesh(devices: Sequence[jax.Device] | None = None, **axes: int) -> Mesh:
     shape = tuple(n // known if v == -1 else int(v) for v in axes.values())
     devs = host_order(devs)
     names = tuple(axes)
-    types = (AxisType.Explicit,) * len(names)
+    types = (AxisType.Auto,) * len(names)
     if devices is None and jax.process_count() == 1:
         return jax.make_mesh(shape, names, axis_types=types)  # topology-aware order
     return Mesh(np.asarray(devs, dtype=object).reshape(shape), names, axis_types=types)

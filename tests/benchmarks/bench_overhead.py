@@ -108,6 +108,129 @@ def measure_dp():
     return compare("DP (MNIST MLP, data=8)", titanax_step, hand, make, (rep, dat), batch, steps=100)
 
 
+def measure_host_batches(steps=100, rounds=7):
+    """A call with host (numpy) batches, as tx.data.Loader and every example yield them,
+    against ``jax.device_put(batch)`` plus the hand-written compiled call (MNIST MLP, data=8).
+
+    The other rows time pre-placed batches; this one times what users run.
+    """
+    mesh = tx.mesh(data=8)
+    x, y = mnist.load_digits()[:2]
+    batches = [(x[i : i + 128], y[i : i + 128]) for i in range(0, 1024, 128)]
+    optimizer = optax.adam(1e-3)
+
+    def make():
+        params = mnist.init_params(jax.random.key(0), (64, 128, 128, 10))
+        return tx.TrainState.create(params, optimizer)
+
+    def body(state, batch):
+        loss, grads = jax.value_and_grad(mnist.loss_fn)(state.params, batch)
+        grads = jax.lax.pmean(grads, "data")
+        return state.apply_gradients(grads), {"loss": jax.lax.pmean(loss, "data")}
+
+    rep, dat = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
+    compiled = jax.jit(
+        jax.shard_map(body, mesh=mesh, in_specs=(P(), P("data")), out_specs=P(), check_vma=False),
+        in_shardings=(rep, dat),
+        donate_argnums=0,
+    )
+
+    def hand(state, batch):
+        return compiled(state, jax.device_put(batch, dat))
+
+    titanax_step = tx.data_parallel(mnist.train_step, mesh=mesh)
+
+    def run(fn, state):
+        jax.block_until_ready(state)
+        t = time.perf_counter()
+        for k in range(steps):
+            state, m = fn(state, batches[k % len(batches)])
+        jax.block_until_ready((state, m))
+        return (time.perf_counter() - t) / steps, state
+
+    s_tx, s_hand = (
+        titanax_step(make(), batches[0])[0],
+        hand(jax.device_put(make(), rep), batches[0])[0],
+    )
+    ratios = []
+    for _ in range(rounds):
+        t_tx, s_tx = run(titanax_step, s_tx)
+        t_hand, s_hand = run(hand, s_hand)
+        ratios.append(t_tx / t_hand)
+    print(
+        f"\nDP, host batches: Titanax {t_tx * 1e3:.3f} ms, device_put + compiled call "
+        f"{t_hand * 1e3:.3f} ms; median ratio over {rounds} runs {statistics.median(ratios):.3f}"
+    )
+    a, b = jax.tree.leaves(s_tx.params)[0], jax.tree.leaves(s_hand.params)[0]
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+    return {
+        "step_ms": t_tx * 1e3,
+        "hand_step_ms": t_hand * 1e3,
+        "step_ratio": statistics.median(ratios),
+    }
+
+
+def test_host_batch_overhead():
+    measure_host_batches(steps=20, rounds=2)
+
+
+def measure_analysis(repeats=5, compile=True):
+    """Trace-time cost of the forgotten-reduction check: the dataflow analysis of the traced
+    body (`titanax.parallel.varying`), against tracing the body and compiling the program."""
+    from titanax.parallel.varying import varying_axes
+
+    cfg, tokens, make = _gpt()
+    rows = []
+    for name, mesh, zero in (
+        ("DP x TP, GPT 2x128", tx.mesh(data=2, model=4), 0),
+        ("ZeRO-3, GPT 2x128", tx.mesh(data=8, model=1), 3),
+    ):
+        step, _ = gpt_example.make_steps(cfg, mesh, zero=zero)
+        state = make()
+        t0 = time.perf_counter()
+        entry = step._entry((state, tokens))
+        entry.jitted  # noqa: B018 (traces the body and runs the checks)
+        build = time.perf_counter() - t0
+        analysis = min(
+            _timed(lambda e=entry: varying_axes(e.jaxpr.jaxpr, e.input_axes))
+            for _ in range(repeats)
+        )
+        compile_s = _compile_seconds(step, state, tokens) if compile else float("nan")
+        eqns = _count_eqns(entry.jaxpr.jaxpr)
+        rows.append((name, eqns, analysis * 1e3, build, compile_s))
+        print(
+            f"\n{name}: analysis of {eqns} equations {analysis * 1e3:.1f} ms; trace + checks "
+            f"{build:.2f} s; trace + lower + compile {compile_s:.2f} s"
+        )
+    return rows
+
+
+def _timed(fn):
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+def _count_eqns(jaxpr):
+    """Equations of ``jaxpr`` and of every jaxpr nested in it."""
+    from jax.extend import core
+
+    n = 0
+    for eqn in jaxpr.eqns:
+        n += 1
+        for v in eqn.params.values():
+            for sub in v if isinstance(v, (tuple, list)) else (v,):
+                if isinstance(sub, core.ClosedJaxpr):
+                    n += _count_eqns(sub.jaxpr)
+                elif isinstance(sub, core.Jaxpr):
+                    n += _count_eqns(sub)
+    return n
+
+
+def test_analysis_cost():
+    measure_analysis(repeats=1, compile=False)
+
+
 def _gpt():
     """The GPT of the TP, DP x TP and ZeRO-3 rows: config, a batch, and a state maker."""
     cfg = gpt.GPTConfig(seq_len=64, d_model=128, heads=4, layers=2)

@@ -23,9 +23,17 @@ def losses(path):
     return [json.loads(line)["loss"] for line in open(path)]
 
 
+def titanax_launch(*args, timeout=300):
+    """``titanax launch ARGS`` from the repository root, as typed; the CompletedProcess."""
+    cmd = [sys.executable, "-m", "titanax.launch.cli", "launch", *args]
+    return subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+
+
 def test_mnist_on_2_processes_equals_1_process(tmp_path):
-    done = launch(
-        2, "examples/mnist_dp/train.py", "--steps", "20", "--metrics", str(tmp_path / "two.jsonl")
+    # No --devices-per-process: the example gives each process half of its 8 devices.
+    metrics = str(tmp_path / "two.jsonl")
+    done = titanax_launch(
+        "--nproc", "2", "examples/mnist_dp/train.py", "--steps", "20", "--metrics", metrics
     )
     assert done.returncode == 0, done.stdout[-3000:]
     assert "[1] " in done.stdout and "[0] final loss" in done.stdout
@@ -148,3 +156,118 @@ def test_start_up_failures_are_clear_errors(process_id, message):
     seen = f"coordinator='127.0.0.1:{port}', num_processes=2, process_id={process_id}"
     assert seen in done.stdout and message in done.stdout
     assert time.monotonic() - start < 60
+
+
+DIFFERENT_ROWS = textwrap.dedent("""
+    import numpy as np
+    import titanax as tx
+
+    tx.distributed.initialize(heartbeat_s=10)
+    import jax
+
+    step = tx.data_parallel(
+        lambda w, x: w - tx.pmean(x.mean(), "data"), mesh=tx.mesh(data=-1), donate=False
+    )
+    rank = jax.process_index()
+    try:  # process 0 passes 4 rows of ones, process 1 2 rows of twos
+        print("update", float(step(np.float32(0), np.full((4 - 2 * rank, 3), rank + 1, np.float32))))
+    except tx.DistributedError as e:
+        print("DistributedError:", e)
+    print("then", float(step(np.float32(0), np.full((4, 3), rank + 1, np.float32))))  # equal rows
+    forgot = tx.data_parallel(lambda w, x: w - x.mean(), mesh=tx.mesh(data=-1), donate=False)
+    try:  # no tx.pmean: each process only sees its own shards, the program says it all
+        print("forgot", float(forgot(np.float32(0), np.ones((4, 3), np.float32))))
+    except tx.PlanError as e:
+        print("PlanError:", str(e).splitlines()[0])
+""")
+
+
+@pytest.mark.slow
+def test_processes_that_pass_batches_of_different_shapes(tmp_path):
+    # Unchecked, each process compiled its own global shape: the update was -1.5 where the
+    # mean over the 6 rows is -1.333, and no error.
+    (tmp_path / "rows.py").write_text(DIFFERENT_ROWS)
+    done = titanax_launch("--nproc", "2", "--devices-per-process", "2", str(tmp_path / "rows.py"))
+    assert done.returncode == 0, done.stdout[-3000:]
+    assert "update" not in done.stdout
+    for rank in (0, 1):  # the same error on each process
+        assert (
+            f"[{rank}] DistributedError: step '<lambda>': the processes passed batches of "
+            "different shapes to its first call with these arguments:\n"
+            f"[{rank}]   * argument 1 (x): process 0: (4, 3) float32; process 1: (2, 3) float32"
+        ) in done.stdout
+        assert f"[{rank}] then -1.5" in done.stdout  # the next call compares afresh
+        # A forgotten reduction across processes: decided from the program on each process
+        # (the old value check compared only the shards a process could address).
+        assert f"[{rank}] PlanError: data_parallel(axis='data'): 1 output leaf differs" in (
+            done.stdout
+        )
+        assert f"[{rank}] forgot" not in done.stdout
+
+
+NEVER_CALLS = textwrap.dedent("""
+    import time
+    import numpy as np
+    import titanax as tx
+
+    tx.distributed.initialize(heartbeat_s=10, check_timeout_s=3)
+    import jax
+
+    step = tx.data_parallel(
+        lambda w, x: w - tx.pmean(x.mean(), "data"), mesh=tx.mesh(data=-1), donate=False
+    )
+    if jax.process_index() == 0:  # process 1 never calls the step
+        start = time.monotonic()
+        try:
+            step(np.float32(0), np.ones((2, 3), np.float32))
+        except tx.DistributedError as e:
+            print(f"after {time.monotonic() - start:.1f} s: DistributedError: {e}")
+            raise SystemExit(3)
+""")
+
+
+@pytest.mark.slow
+def test_a_process_that_never_calls_the_step_is_an_error_in_bounded_time(tmp_path):
+    (tmp_path / "never.py").write_text(NEVER_CALLS)
+    done = titanax_launch(
+        "--nproc", "2", "--devices-per-process", "1", str(tmp_path / "never.py"), timeout=120
+    )
+    assert done.returncode == 3, done.stdout[-3000:]
+    found = re.search(r"\[0\] after ([\d.]+) s: DistributedError: (.*)", done.stdout)
+    assert found, done.stdout[-3000:]
+    assert 3 <= float(found.group(1)) < 10
+    assert found.group(2).startswith(
+        "step '<lambda>': process 1 (of 2) did not reach its first call with these arguments "
+        "within 3 s"
+    )
+
+
+PROCESS_0_ALONE = textwrap.dedent("""
+    import numpy as np
+    import titanax as tx
+
+    tx.distributed.initialize(heartbeat_s=10)
+    import jax
+
+    mesh = tx.mesh(devices=jax.devices()[:2], data=-1)  # process 0's 2 devices alone
+    step = tx.data_parallel(lambda w, x: w - tx.pmean(x.mean(), "data"), mesh=mesh)
+    print("result", float(step(np.float32(0), np.ones((2, 3), np.float32))))
+""")
+
+
+@pytest.mark.slow
+def test_a_mesh_that_leaves_a_process_out_is_an_error(tmp_path):
+    # `titanax launch --nproc 2 examples/mnist_dp/train.py` did this (8 devices per process,
+    # a mesh over jax.devices()[:8]): unchecked, process 1 died in JAX with `RuntimeError:
+    # generator raised StopIteration`, while process 0 ran on alone and printed a result.
+    (tmp_path / "alone.py").write_text(PROCESS_0_ALONE)
+    done = titanax_launch("--nproc", "2", "--devices-per-process", "2", str(tmp_path / "alone.py"))
+    assert done.returncode == 1, done.stdout[-3000:]
+    assert not re.search(r"^\[\d\] result", done.stdout, re.M), done.stdout[-3000:]
+    assert "StopIteration" not in done.stdout
+    for rank in (0, 1):  # each process raises it
+        assert (
+            f"[{rank}] titanax.errors.DistributedError: step '<lambda>' on mesh (data=2): the "
+            "mesh holds none of the devices of process 1 (devices "
+        ) in done.stdout
+    assert "--devices-per-process K (here K = 1: 2 devices in all)" in done.stdout

@@ -86,7 +86,7 @@ def test_round_trip_onto_another_mesh_is_bit_exact(tmp_path, source, target):
         else {
             "axis_names": list(m[source].axis_names),
             "axis_sizes": [m[source].shape[a] for a in m[source].axis_names],
-            "axis_types": ["Explicit"] * len(m[source].axis_names),
+            "axis_types": ["Auto"] * len(m[source].axis_names),
         }
     )
 

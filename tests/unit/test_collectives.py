@@ -98,7 +98,7 @@ def test_size_one_axes_under_dp_x_tp_match_jax():
     from jax.sharding import PartitionSpec as P
 
     mesh = tx.mesh(devices=jax.devices()[:4], data=1, model=4)
-    x = jnp.arange(12.0).reshape(2, 3, 2)
+    x = jnp.arange(24.0).reshape(2, 3, 4)
 
     def body(x, lax):
         return (
@@ -115,7 +115,9 @@ def test_size_one_axes_under_dp_x_tp_match_jax():
         )
 
     ours = tx.data_parallel(
-        tx.tensor_parallel(tx.Rules((".*", P())))(lambda x: body(x, tx)),
+        tx.tensor_parallel(tx.Rules((".*", P(None, None, "model"))), batch_argnums=())(
+            lambda x: body(x, tx)
+        ),
         mesh=mesh,
         batch_argnums=(),
         donate=False,

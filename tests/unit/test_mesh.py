@@ -12,7 +12,7 @@ def test_axes_in_order_and_explicit():
     m = tx.mesh(data=2, model=4)
     assert m.axis_names == ("data", "model")
     assert dict(m.shape) == {"data": 2, "model": 4}
-    assert all(t == AxisType.Explicit for t in m.axis_types)
+    assert all(t == AxisType.Auto for t in m.axis_types)
     assert sorted(d.id for d in m.devices.flat) == list(range(8))
 
 

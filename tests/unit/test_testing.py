@@ -199,7 +199,7 @@ def test_meshes_fit_the_devices(data, num_devices):
     assert size == mesh.devices.size and n % size == 0
     assert mesh.axis_names == names[: len(mesh.axis_names)]
     assert list(mesh.devices.flat) == jax.devices()[:size] or size == len(jax.devices())
-    assert set(mesh.axis_types) == {AxisType.Explicit}
+    assert set(mesh.axis_types) == {AxisType.Auto}
 
 
 def test_meshes_reach_the_extremes():

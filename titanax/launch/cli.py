@@ -25,7 +25,12 @@ def launch(
     nproc: Annotated[int, typer.Option("--nproc", min=1, help="number of processes")] = 1,
     devices_per_process: Annotated[
         int | None,
-        typer.Option("--devices-per-process", min=1, help="simulated CPU devices in each process"),
+        typer.Option(
+            "--devices-per-process",
+            min=1,
+            help="simulated CPU devices in each process (default: as each process sets up; a "
+            "mesh must hold an equal share of every process's devices)",
+        ),
     ] = None,
     port: Annotated[int | None, typer.Option(help="coordinator port (default: a free one)")] = None,
     grace: Annotated[float, typer.Option(help="seconds between SIGTERM and SIGKILL")] = 10.0,

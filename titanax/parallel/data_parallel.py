@@ -56,6 +56,7 @@ def data_parallel(
     axis: str = "data",
     mesh: Mesh | None = None,
     batch_argnums: int | Sequence[int] = (-1,),
+    replicated_argnums: int | Sequence[int] = (),
     donate: bool = True,
 ) -> Callable[[Callable[..., Any]], ParallelFunction]: ...
 
@@ -68,6 +69,7 @@ def data_parallel(
     axis: str = "data",
     mesh: Mesh | None = None,
     batch_argnums: int | Sequence[int] = (-1,),
+    replicated_argnums: int | Sequence[int] = (),
     donate: bool = True,
 ) -> ParallelFunction: ...
 
@@ -79,6 +81,7 @@ def data_parallel(
     axis: str = "data",
     mesh: Mesh | None = None,
     batch_argnums: int | Sequence[int] = (-1,),
+    replicated_argnums: int | Sequence[int] = (),
     donate: bool = True,
 ) -> ParallelFunction | Callable[[Callable[..., Any]], ParallelFunction]:
     """Runs ``step`` once per replica along the mesh axis ``axis``.
@@ -92,10 +95,19 @@ def data_parallel(
     ``jax.shard_map``'s default.)
 
     Outputs shaped like a non-batch argument (the new state) take its layout;
-    every other output is replicated. On the first call, Titanax checks that
-    the replicas agree on every output: a forgotten reduction is a
-    `PlanError` naming the leaves, never a silent pick of one
-    replica.
+    every other output is replicated. Whether an output is reduced is decided
+    from the traced program, before it runs (see DESIGN.md, "Checks by type,
+    not by value"): a replicated output that may still differ between replicas
+    (a gradient or a metric never passed through ``tx.pmean``) is a
+    `PlanError` naming the leaves, raised before anything is donated, and
+    never a silent pick of one replica.
+
+    Donation: the state, that is each non-batch argument that an output
+    replaces (same tree structure and shapes), is donated to that output, so
+    the step updates it in place and the arrays passed in are deleted.
+    Constants (``replicated_argnums``, arguments no output replaces) are never
+    donated. Donated leaves that are one array (tied weights) are copied
+    first.
 
     Args:
       step: the step function; omit it to use ``data_parallel(...)`` as a decorator.
@@ -103,16 +115,21 @@ def data_parallel(
       mesh: the mesh; defaults to one given to another transform of the stack,
         or set with ``jax.set_mesh``.
       batch_argnums: positions of the batch arguments (negative counts from the end).
-      donate: donate the non-batch arguments (the state) to the output, so the
-        step updates it in place.
+      replicated_argnums: positions of non-batch arguments that are not state
+        (a constant table, a frozen base model, a mask): kept whole on every
+        device and never donated, even when an output has their shape.
+      donate: donate the state (the non-batch arguments an output replaces) to
+        that output, so the step updates it in place.
 
     Returns:
       A `ParallelFunction`.
 
     Raises:
-      PlanError: a bad ``axis``, ``mesh`` or ``batch_argnums``; at call time, a
-        batch leaf whose leading dimension does not divide by the axis size,
-        or outputs that differ between replicas.
+      PlanError: a bad ``axis``, ``mesh``, ``batch_argnums`` or
+        ``replicated_argnums``; at call time, a batch leaf whose leading
+        dimension does not divide by the axis size, replicated outputs that may
+        differ between replicas, or an input array deleted by an earlier call
+        (donated).
 
     Examples:
       >>> import jax, jax.numpy as jnp, titanax as tx
@@ -134,5 +151,8 @@ def data_parallel(
     """
     check_axis("data_parallel", axis, mesh)
     nums = normalize_argnums("data_parallel", batch_argnums)
-    layer = Layer("data_parallel", axis, True, mesh, nums, _layout(axis), bool(donate))
+    kept = normalize_argnums("data_parallel", replicated_argnums, "replicated_argnums")
+    layer = Layer(
+        "data_parallel", axis, True, mesh, nums, _layout(axis), bool(donate), keep_argnums=kept
+    )
     return apply_layer(step, layer)

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import functools
 import inspect
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -15,10 +15,11 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from titanax._util import Report, bullets, count, leaves_with_paths, shape_of
-from titanax.errors import DistributedError, PlanError, TitanaxError
+from titanax.errors import DistributedError, PlanError
 from titanax.parallel import hlo
 from titanax.parallel.collectives import bind_axes
-from titanax.parallel.plan import Layer, Plan, _is_spec, _restrict, _spec_leaves
+from titanax.parallel.outputs import check_reduced, check_stray_shards, output_layout, top_level
+from titanax.parallel.plan import Layer, Plan, _is_spec, _restrict, _spec_leaves, context_mesh
 from titanax.parallel.rules import layout_table, spec_axes
 from titanax.parallel.varying import varying_axes
 
@@ -41,7 +42,14 @@ def _arg_names(fun: Callable[..., Any], nargs: int) -> list[str]:
 
 
 class _Entry:
-    """The compiled program for one argument structure."""
+    """The compiled program for one argument structure.
+
+    Built on the first call for a structure: the arguments' layouts are planned, the body
+    is traced once to a jaxpr, and every check runs on that jaxpr (outputs that still vary
+    along a manual axis, shards returned where no layout follows them). Only then is the
+    program wrapped in ``jax.jit``, replaying the jaxpr; so a `TitanaxError` is raised
+    before anything runs and before any argument is donated.
+    """
 
     def __init__(self, pf: ParallelFunction, args: tuple[Any, ...]):
         plan = pf.plan
@@ -50,43 +58,49 @@ class _Entry:
         self.names = _arg_names(pf.fun, len(args))
         self.batch = plan.batch_indices(len(args))
         self.multiprocess = jax.process_count() > 1
+        if self.multiprocess:  # the mesh spans every process; all pass the same shapes
+            from titanax.distributed import check_first_call
+
+            check_first_call(pf.fun, self.mesh, args, self.batch, self.names)
         if self.multiprocess:  # each process passes its own rows of every batch
             args = tuple(_global_rows(a) if i in self.batch else a for i, a in enumerate(args))
         self.in_specs = plan.in_specs(args, self.mesh, self.names)
-        manual = plan.manual_axes
         self.in_shardings = jax.tree.map(
             lambda s: NamedSharding(self.cmesh, s), self.in_specs, is_leaf=_is_spec
         )
-        self.out_specs: Any = None
-        self.checked = not manual  # replica agreement is checked once when axes are manual
-        # Donate the state, not batches, keys or hyperparameters: arguments with an array leaf.
-        kept = plan.kept_indices(len(args))
-        donate = tuple(
-            i
-            for i, a in enumerate(args)
-            if plan.donate
-            and i not in self.batch
-            and i not in kept
-            and any(shape_of(x) for x in jax.tree.leaves(a))
-        )
+        self.donate: tuple[int, ...] = ()
+        self._pf, self._args = pf, args
+        self._jitted: Any = None
+        self._out_specs: Any = None
+
+    @property
+    def jitted(self) -> Any:
+        """The jitted program (traced and checked on first use)."""
+        if self._jitted is None:
+            self._build()
+        return self._jitted
+
+    @property
+    def out_specs(self) -> Any:
+        """The ``PartitionSpec`` tree of the outputs (traced and checked on first use)."""
+        if self._jitted is None:
+            self._build()
+        return self._out_specs
+
+    def _build(self) -> None:
+        pf, args, plan = self._pf, self._args, self._pf.plan
+        manual = plan.manual_axes
         fun, bound = pf.fun, plan.bound_axes(self.mesh)
-        in_trees = [jax.tree.structure(a) for a in args]
-        avals = jax.tree.map(lambda x: jax.ShapeDtypeStruct(shape_of(x), jnp.result_type(x)), args)
+        avals = jax.tree.map(lambda x: jax.ShapeDtypeStruct(shape_of(x), _dtype(x)), args)
         local_specs = jax.tree.map(lambda s: _restrict(s, manual), self.in_specs, is_leaf=_is_spec)
-        # State stored split along a manual axis (fully_sharded) comes back split: which
-        # outputs are shards is known only from the traced body (see `outer`).
-        split_state = any(
-            spec_axes(s)
-            for i, tree in enumerate(local_specs)
-            if i not in self.batch
-            for s in _spec_leaves(tree)
-        )
+        local_in = jax.tree.map(lambda a, s: _local(a, s, self.mesh), avals, local_specs)
+        where = " + ".join(lay.describe() for lay in plan.layers)
 
         def body(*local_args: Any) -> Any:
             with bind_axes(bound), plan.entered(avals, self.in_specs, self.mesh, local_args):
                 return fun(*local_args)
 
-        def smap(out_specs: Any, f: Callable[..., Any] = body) -> Callable[..., Any]:
+        def smap(out_specs: Any, f: Callable[..., Any]) -> Callable[..., Any]:
             return jax.shard_map(
                 f,
                 mesh=self.cmesh,
@@ -96,55 +110,64 @@ class _Entry:
                 check_vma=False,  # pmap semantics: per-replica gradients, user reduces
             )
 
+        # Trace the body once, as each device sees it.
+        traced: dict[str, Any] = {}
+
+        def trace_body(*local_args: Any) -> Any:
+            closed, shapes = jax.make_jaxpr(body, return_shape=True)(*local_args)
+            traced["jaxpr"], traced["shapes"] = closed, shapes
+            return jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), shapes)
+
+        with jax.sharding.use_abstract_mesh(self.cmesh.abstract_mesh):
+            jax.eval_shape(smap(P(), trace_body) if manual else trace_body, *avals)
+        closed, local_out = traced["jaxpr"], traced["shapes"]
+
+        # Decide the outputs' layouts and check them, from the program.
+        self.jaxpr = closed  # the body as each device runs it (kept for inspection)
+        sizes = {a: self.mesh.shape[a] for a in manual}
+        self.input_axes = [  # per input leaf: the manual axes it varies along
+            frozenset(a for a in spec_axes(s) if sizes.get(a, 1) > 1)
+            for s in _spec_leaves(local_specs)
+        ]
+        vary = varying_axes(closed.jaxpr, self.input_axes) if manual else None
+        kept = plan.kept_indices(len(args))
+        layout = output_layout(local_out, local_in, self.in_specs, self.batch, vary, manual, kept)
+        if vary is not None:
+            check_stray_shards(local_out, layout.specs, vary, local_in, local_specs, self.batch)
+            check_reduced(local_out, layout.specs, vary, sizes, where)
+        self._out_specs = layout.specs
+
+        # Donate the state: the arguments an output replaces (never batches, constants
+        # listed in replicated_argnums, or arguments two outputs could be confused with).
+        self.donate = tuple(
+            sorted(
+                i
+                for i in set(layout.sources) - {None} - layout.ambiguous
+                if plan.donate and i is not None and i not in self.batch and i not in kept
+            )
+        )
+        restricted = jax.tree.map(lambda s: _restrict(s, manual), layout.specs, is_leaf=_is_spec)
+        out_tree = jax.tree.structure(local_out)
+
+        def replay(*local_args: Any) -> Any:
+            flat = jax.core.eval_jaxpr(closed.jaxpr, closed.consts, *jax.tree.leaves(local_args))
+            return jax.tree.unflatten(out_tree, flat)
+
+        expected = [(a.shape, _canonical(a.dtype)) for a in jax.tree.leaves(avals)]
+
         def outer(*global_args: Any) -> Any:
-            # The plan's mesh is the context mesh of the body (whatever jax.set_mesh says).
+            # jit traces again for new shapes; this entry's jaxpr is for its own only.
+            if [(x.shape, x.dtype) for x in jax.tree.leaves(global_args)] != expected:
+                raise _OtherShapes
             with jax.sharding.use_abstract_mesh(self.cmesh.abstract_mesh):
-                if not manual:
-                    out = body(*global_args)
-                    self.out_specs = _out_specs(out, avals, in_trees, self.in_specs, self.batch)
-                elif split_state:
-                    # Trace the body once to a jaxpr (for its output shapes), then run that
-                    # jaxpr under the shard_map whose out_specs the shapes decide.
-                    traced: dict[str, Any] = {}
+                out = smap(restricted, replay)(*global_args) if manual else replay(*global_args)
+                return _pin_auto(out, layout.specs, self.cmesh, plan)
 
-                    def trace_body(*local_args: Any) -> Any:
-                        closed, shapes = jax.make_jaxpr(body, return_shape=True)(*local_args)
-                        traced["jaxpr"], traced["shapes"] = closed, shapes
-                        return jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), shapes)
-
-                    jax.eval_shape(smap(P(), trace_body), *global_args)
-                    local_out, closed = traced["shapes"], traced["jaxpr"]
-                    local_in = jax.tree.map(
-                        lambda a, s: _local(a, s, self.mesh), avals, local_specs
-                    )
-                    vary = varying_axes(
-                        closed.jaxpr,
-                        [frozenset(spec_axes(s)) & manual for s in _spec_leaves(local_specs)],
-                    )
-                    self.out_specs = _out_specs(
-                        local_out, local_in, in_trees, self.in_specs, self.batch, vary, manual
-                    )
-                    _check_stray_shards(
-                        local_out, self.out_specs, vary, local_in, local_specs, self.batch
-                    )
-                    restricted = jax.tree.map(
-                        lambda s: _restrict(s, manual), self.out_specs, is_leaf=_is_spec
-                    )
-                    out_tree = jax.tree.structure(local_out)
-
-                    def replay(*local_args: Any) -> Any:
-                        flat = jax.core.eval_jaxpr(
-                            closed.jaxpr, closed.consts, *jax.tree.leaves(local_args)
-                        )
-                        return jax.tree.unflatten(out_tree, flat)
-
-                    out = smap(restricted, replay)(*global_args)
-                else:
-                    out = smap(P())(*global_args)
-                    self.out_specs = _out_specs(out, avals, in_trees, self.in_specs, self.batch)
-                return _constrain(out, self.out_specs, self.cmesh, plan)
-
-        self.jitted = jax.jit(outer, in_shardings=self.in_shardings, donate_argnums=donate)
+        self._jitted = jax.jit(
+            outer,
+            in_shardings=self.in_shardings,
+            donate_argnums=self.donate,
+        )
 
     def place(self, args: tuple[Any, ...]) -> tuple[Any, ...]:
         """Puts each argument on the mesh as the plan lays it out; placed arrays pass as they are."""
@@ -164,25 +187,74 @@ class _Entry:
             return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
         return jax.device_put(x, sharding)
 
-    def check_replicas(self, out: Any, plan: Plan) -> None:
-        """Raises if an output that must be replicated along a manual axis is not."""
-        self.checked = True
-        bad = []
-        for k, part in enumerate(_top_level(out)):
-            for path, leaf in leaves_with_paths(part):
-                if isinstance(leaf, jax.Array) and not _agrees(leaf):
-                    bad.append(f"output {k}" + (f" [{path}]" if path else ""))
-        if bad:
-            axes = ", ".join(repr(a) for a in sorted(plan.manual_axes))
+    def fits(self, leaves: list[Any]) -> bool:
+        """Whether ``leaves`` have the shapes this entry was built for."""
+        return [shape_of(x) for x in leaves] == [shape_of(a) for a in jax.tree.leaves(self._args)]
+
+    def misplaced(self, args: tuple[Any, ...]) -> bool:
+        """Whether a ``jax.Array`` argument is laid out other than as planned."""
+        return any(
+            isinstance(x, jax.Array) and not _same_layout(x.sharding, s, x.ndim)
+            for arg, shardings in zip(args, self.in_shardings)
+            for x, s in zip(jax.tree.leaves(arg), jax.tree.leaves(shardings))
+        )
+
+    def check_inputs(self, args: tuple[Any, ...], fun: Callable[..., Any]) -> None:
+        """Raises for an input array that was deleted (donated to an earlier call)."""
+        gone = [
+            f"{self.names[i]}" + (f" [{path}]" if path else "")
+            for i, arg in enumerate(args)
+            for path, x in leaves_with_paths(arg)
+            if isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer) and x.is_deleted()
+        ]
+        if gone:
+            name = getattr(fun, "__name__", "the step")
+            donated = ", ".join(self.names[i] for i in self.donate) or "none"
             raise PlanError(
-                f"{' + '.join(lay.describe() for lay in plan.layers if lay.manual)}: "
-                f"{count(len(bad), 'output leaf', 'output leaves')} differ"
-                f"{'s' if len(bad) == 1 else ''} between replicas along {axes}, but outputs "
-                f"are replicated:\n{bullets(bad)}\n"
-                "Each replica computed its own value and nothing reduced it. Reduce in the step: "
-                f"grads = tx.pmean(grads, {sorted(plan.manual_axes)[0]!r}) before the update, and "
-                f"tx.pmean(loss, {sorted(plan.manual_axes)[0]!r}) for metrics."
+                f"{name}: {count(len(gone), 'input array was', 'input arrays were')} deleted "
+                f"before this call:\n{bullets(gone)}\n"
+                f"The step donates its state (here: {donated}) to its output, so the arrays "
+                "passed to an earlier call are gone once it returns. Pass what the step "
+                "returned (`state, metrics = step(state, batch)`); keep a constant with "
+                "replicated_argnums=(...), or pass donate=False to donate nothing."
             )
+
+    def unalias(self, args: tuple[Any, ...]) -> tuple[Any, ...]:
+        """Copies donated array leaves that are the same array as another leaf.
+
+        Donating one buffer twice (tied weights ``{"enc": emb, "dec": emb}``, the same
+        array passed as two arguments) crashes XLA (segmentation fault, jax 0.10.2 on
+        CPU, several devices), so each later occurrence gets its own copy; the step's
+        result is what it would be without donation.
+        """
+        seen: set[int] = set()
+        out = []
+        for i, arg in enumerate(args):
+            donated = i in self.donate
+
+            def one(x: Any, donated: bool = donated) -> Any:
+                if not isinstance(x, jax.Array):
+                    return x
+                if id(x) in seen and donated:
+                    return x.copy()
+                seen.add(id(x))
+                return x
+
+            out.append(jax.tree.map(one, arg))
+        # A donated leaf seen before a non-donated copy of itself: copy it too.
+        later = {
+            id(x)
+            for i, arg in enumerate(out)
+            if i not in self.donate
+            for x in jax.tree.leaves(arg)
+            if isinstance(x, jax.Array)
+        }
+        return tuple(
+            jax.tree.map(lambda x: x.copy() if id(x) in later else x, arg)
+            if i in self.donate
+            else arg
+            for i, arg in enumerate(out)
+        )
 
 
 def _same_layout(have: Any, want: NamedSharding, ndim: int) -> bool:
@@ -226,125 +298,25 @@ def _local(aval: jax.ShapeDtypeStruct, spec: PartitionSpec, mesh: Mesh) -> jax.S
     return jax.ShapeDtypeStruct(tuple(shape), aval.dtype)
 
 
-def _top_level(out: Any) -> tuple[Any, ...]:
-    return out if isinstance(out, tuple) else (out,)
-
-
-def _out_specs(
-    out: Any,
-    args: Sequence[Any],
-    in_trees: Sequence[Any],
-    in_specs: Sequence[Any],
-    batch: frozenset[int],
-    vary: Sequence[frozenset[str]] | None = None,
-    manual: frozenset[str] = frozenset(),
-) -> Any:
-    """An output shaped like a non-batch input takes its layout; everything else is replicated.
-
-    With ``vary`` (the manual axes each output leaf varies along), an output takes a
-    layout split along manual axes only if it varies along them: a reduced metric with a
-    shard's shape stays replicated.
-    """
-    specs = []
-    leaf_vary = iter(vary if vary is not None else [])
-    for part in _top_level(out):
-        tree = jax.tree.structure(part)
-        leaves = jax.tree.leaves(part)
-        shapes = [shape_of(x) for x in leaves]
-        part_vary = [next(leaf_vary) for _ in leaves] if vary is not None else None
-        for i, arg in enumerate(args):
-            if (
-                i not in batch
-                and in_trees[i] == tree
-                and shapes == [shape_of(x) for x in jax.tree.leaves(arg)]
-                and (
-                    part_vary is None
-                    or all(
-                        set(spec_axes(s)) & manual <= v
-                        for s, v in zip(_spec_leaves(in_specs[i]), part_vary)
-                    )
-                )
-            ):
-                specs.append(in_specs[i])
-                break
-        else:
-            specs.append(jax.tree.map(lambda _: P(), part))
-    return tuple(specs) if isinstance(out, tuple) else specs[0]
-
-
-def _check_stray_shards(
-    out: Any,
-    out_specs: Any,
-    vary: Sequence[frozenset[str]],
-    local_in: Sequence[Any],
-    local_specs: Sequence[Any],
-    batch: frozenset[int],
-) -> None:
-    """Raises for an output left replicated that varies across replicas with a shard's shape:
-    a shard of the state returned where its layout cannot follow it."""
-    shard_shapes = {
-        shape_of(a)
-        for i, (tree, spec_tree) in enumerate(zip(local_in, local_specs))
-        if i not in batch
-        for a, s in zip(jax.tree.leaves(tree), _spec_leaves(spec_tree))
-        if spec_axes(s)
-    }
-    specs = _spec_leaves(out_specs)
-    stray = [
-        f"output {path or '(the output)'}: shape {shape_of(x)}, varies along "
-        + ", ".join(repr(a) for a in sorted(v))
-        for (path, x), spec, v in zip(leaves_with_paths(out), specs, vary)
-        if v and not spec_axes(spec) and shape_of(x) in shard_shapes
-    ]
-    if stray:
-        raise PlanError(
-            f"{count(len(stray), 'output leaf', 'output leaves')} of the step "
-            f"{'is a shard' if len(stray) == 1 else 'are shards'} of split state, returned "
-            f"where no layout follows {'it' if len(stray) == 1 else 'them'}:\n{bullets(stray)}\n"
-            "An output takes a state argument's split layout only when it is a top-level "
-            "output with the argument's structure (return `state, metrics`, not "
-            "`{'state': state}`). A per-replica metric must be reduced (tx.pmean)."
-        )
-
-
-def _constrain(out: Any, out_specs: Any, mesh: Mesh, plan: Plan) -> Any:
-    """Pins output layouts along the global-view (``Auto``) axes."""
-    auto = {layer.axis for layer in plan.layers if not layer.manual}
-    if not auto:
-        return out
-
-    def pin(x: Any, spec: PartitionSpec) -> Any:
-        if not set(spec_axes(spec)) & auto:
-            return x
-        # The manual axes of the spec are already in the output's type (shard_map's out_specs).
-        return jax.lax.with_sharding_constraint(
-            x, NamedSharding(mesh, _restrict(spec, frozenset(auto)))
-        )
-
-    return jax.tree.map(pin, out, out_specs)
-
-
-def _agrees(x: jax.Array) -> bool:
-    """Whether every addressable copy of each shard of ``x`` holds the same values."""
-    groups: dict[tuple[Any, ...], np.ndarray] = {}
-    for shard in x.addressable_shards:
-        key = tuple((s.start, s.stop, s.step) for s in shard.index)
-        data = np.asarray(shard.data)
-        if key not in groups:
-            groups[key] = data
-        elif not np.array_equal(groups[key], data, equal_nan=True):
-            return False
-    return True
-
-
 class ParallelFunction:
     """A step function with a parallel plan: what every Titanax transform returns.
 
     Call it like the function it wraps. The first call for an argument
-    structure lays out the arguments, traces the function once and compiles
-    ``jax.jit(jax.shard_map(...))``; later calls are a cache lookup and one
-    compiled call. Wrapping it with another transform merges the plans; the
-    result is still one program.
+    structure lays out the arguments, traces the function once, checks the
+    traced program and compiles ``jax.jit(jax.shard_map(...))``; later calls
+    are a cache lookup and one compiled call. Wrapping it with another
+    transform merges the plans; the result is still one program.
+
+    It composes with JAX and Python as a jitted function does: call it inside
+    your own ``jax.jit`` or under ``jax.grad`` (the arrays are then traced and
+    laid out by the program's shardings; nothing is donated), pass arguments
+    by keyword (bound to their positions by the function's signature), or
+    decorate a method (``self`` is bound as a constant of the program, like a
+    closure; positions in ``batch_argnums`` do not count it).
+
+    Arrays it returns are laid out on an ``Auto`` view of the mesh (same
+    devices and axis names): they work in ordinary JAX code (``jax.jit``,
+    eager indexing, third-party models) whatever the mesh's axis types.
 
     Attributes:
       fun: the wrapped step function.
@@ -360,6 +332,7 @@ class ParallelFunction:
         self.plan = plan
         self._cache: dict[Any, _Entry] = {}  # by structure, shapes and dtypes
         self._recent: dict[Any, _Entry] = {}  # by structure: the steady-state lookup
+        self._attr: str | None = None  # the attribute name, when defined in a class
         functools.update_wrapper(self, fun)
 
     def with_layer(self, layer: Layer) -> ParallelFunction:
@@ -370,8 +343,34 @@ class ParallelFunction:
         stack = " + ".join(layer.describe() for layer in self.plan.layers)
         return f"<ParallelFunction {getattr(self.fun, '__name__', self.fun)!r}: {stack}>"
 
+    # -- methods: ``@tx.data_parallel`` on a ``def step(self, state, batch)`` ---------------
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self._attr = name
+
+    def __get__(self, obj: Any, objtype: type | None = None) -> Any:
+        if obj is None:
+            return self
+        name = self._attr or getattr(self.fun, "__name__", "step")
+        cache = getattr(obj, "__dict__", None)
+        if cache is None:
+            raise PlanError(
+                f"{self!r} is a method of {type(obj).__name__}, whose instances have no "
+                "__dict__ (__slots__) to keep the compiled program in, so every call would "
+                "compile again. Define the step as a function, or give the class a __dict__."
+            )
+        bound = ParallelFunction(functools.partial(self.fun, obj), self.plan)
+        functools.update_wrapper(bound, self.fun)
+        bound._attr = name
+        cache[name] = bound  # later lookups find the bound step first (like cached_property)
+        return bound
+
+    # -- calls ---------------------------------------------------------------------------
+
     def _key(self, treedef: Any) -> Any:
-        return treedef if self.plan.mesh is not None else (treedef, jax.sharding.get_mesh())
+        # The context mesh is part of the key even when the plan has its own: a call
+        # under another `jax.set_mesh` is then checked again (a PlanError), not run.
+        return treedef, context_mesh()
 
     def _entry(self, args: tuple[Any, ...]) -> _Entry:
         """The compiled entry for the structure, shapes and dtypes of ``args``."""
@@ -384,20 +383,57 @@ class ParallelFunction:
         self._recent[key] = entry
         return entry
 
-    def __call__(self, *args: Any) -> Any:
-        # Steady state: one flatten, one dict lookup, one compiled call. JAX's own
-        # dispatch checks shapes and layouts; anything new goes the slow way.
-        entry = self._recent.get(self._key(jax.tree.structure(args)))
-        if entry is not None and entry.checked and not entry.multiprocess:
+    def _bind(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, ...]:
+        """Keyword arguments moved to their positions by the function's signature."""
+        name = getattr(self.fun, "__name__", "the step")
+        try:
+            sig = inspect.signature(self.fun)
+            bound = sig.bind(*args, **kwargs)
+        except (TypeError, ValueError) as e:
+            raise PlanError(f"{name}: the arguments do not fit its signature: {e}.") from None
+        bound.apply_defaults()
+        if bound.kwargs or any(
+            p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) and p.name in bound.arguments
+            for p in sig.parameters.values()
+        ):
+            raise PlanError(
+                f"{name}: keyword arguments are placed by their position in the signature, "
+                f"but {', '.join(sorted(kwargs))} has none here (keyword-only or **kwargs). "
+                "Make them positional parameters, or bind constants with functools.partial "
+                "before applying the transform."
+            )
+        return tuple(bound.args)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if kwargs:
+            args = self._bind(args, kwargs)
+        leaves, treedef = jax.tree.flatten(args)
+        if any(isinstance(x, jax.core.Tracer) for x in leaves):
+            # Inside the user's jax.jit / jax.grad: one more jit in their trace.
+            return self._entry(args).jitted(*args)
+        # Steady state: one flatten, one dict lookup, one compiled call. Host arrays
+        # (numpy batches) are placed by jit itself, as its in_shardings say.
+        entry = self._recent.get(self._key(treedef))
+        if (
+            entry is not None
+            and not entry.multiprocess
+            and len({id(x) for x in leaves}) == len(leaves)
+        ):
             try:
                 return entry.jitted(*args)
-            except TitanaxError:
-                raise
-            except ValueError:
-                pass  # arguments laid out otherwise, or shapes that need checking
+            except _OtherShapes:
+                pass  # shapes or dtypes of another entry: found below
+            except (ValueError, RuntimeError):
+                # Look for the cheap causes; anything else is the user's error, re-raised.
+                entry.check_inputs(args, self.fun)
+                if entry.fits(leaves) and not entry.misplaced(args):
+                    raise
         entry = self._entry(args)
+        entry.check_inputs(args, self.fun)
+        jitted = entry.jitted  # traced and checked: nothing is donated before this passes
+        placed = entry.place(entry.unalias(args))
         try:
-            out = entry.jitted(*entry.place(args))
+            return jitted(*placed)
         except jax.errors.JaxRuntimeError as e:
             if not entry.multiprocess:
                 raise
@@ -407,9 +443,6 @@ class ParallelFunction:
                 f"with the other processes; one of them has probably died ({e}). Restart the job "
                 "from the newest checkpoint."
             ) from e
-        if not entry.checked:
-            entry.check_replicas(out, self.plan)
-        return out
 
     def place(self, *args: Any) -> tuple[Any, ...]:
         """The arguments placed on the mesh as the plan lays them out.
@@ -429,8 +462,6 @@ class ParallelFunction:
     def specs(self, *args: Any) -> tuple[Any, Any]:
         """The ``PartitionSpec`` trees of the inputs and outputs for these arguments."""
         entry = self._entry(args)
-        if entry.out_specs is None:
-            self.lower(*args)
         return entry.in_specs, entry.out_specs
 
     def explain(self, *args: Any) -> Report:
@@ -450,7 +481,7 @@ class ParallelFunction:
                 for p, x in leaves_with_paths(arg)
             ]
             specs += _spec_leaves(spec)
-        for k, (part, spec) in enumerate(zip(_top_level(out_avals), _top_level(out_specs))):
+        for k, (part, spec) in enumerate(zip(top_level(out_avals), top_level(out_specs))):
             rows += [(f"out{k}/{p}".rstrip("/"), x) for p, x in leaves_with_paths(part)]
             specs += _spec_leaves(spec)
         stack = " + ".join(layer.describe() for layer in self.plan.layers)
@@ -463,6 +494,32 @@ class ParallelFunction:
             + hlo.collectives_table(hlo.collectives(compiled.as_text() or "", entry.mesh))
         )
         return Report(text)
+
+
+def _pin_auto(out: Any, out_specs: Any, mesh: Mesh, plan: Plan) -> Any:
+    """Pins output layouts along the global-view (``Auto``) axes.
+
+    Outputs that take no argument's layout are left where XLA's propagation puts them
+    along those axes (they are global arrays either way): pinning them replicated
+    would add gathers the user never asked for.
+    """
+    auto = frozenset(layer.axis for layer in plan.layers if not layer.manual)
+
+    def pin(x: Any, spec: PartitionSpec) -> Any:
+        if not set(spec_axes(spec)) & auto:
+            return x
+        # The whole spec: outside the shard_map, an axis it leaves out means "replicated".
+        return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+
+    return out if not auto else jax.tree.map(pin, out, out_specs)
+
+
+class _OtherShapes(Exception):
+    """Raised while jit traces an entry's program for shapes it was not built for."""
+
+
+def _canonical(dtype: Any) -> Any:
+    return jax.dtypes.canonicalize_dtype(dtype)
 
 
 def _dtype(x: Any) -> Any:

@@ -12,14 +12,22 @@ from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 import jax
-from jax.sharding import AxisType, Mesh, PartitionSpec
+from jax.sharding import AbstractMesh, AxisType, Mesh, PartitionSpec
 
 from titanax._util import bullets, leaves_with_paths, shape_of
-from titanax.errors import PlanError
+from titanax.errors import PlanError, RuleError
 from titanax.parallel.collectives import BoundAxis
-from titanax.parallel.rules import spec_problem
+from titanax.parallel.rules import spec_axes, spec_problem
 
-__all__ = ["Layer", "Plan", "ArgInfo", "normalize_argnums", "resolve_argnums", "check_axis"]
+__all__ = [
+    "Layer",
+    "Plan",
+    "ArgInfo",
+    "context_mesh",
+    "normalize_argnums",
+    "resolve_argnums",
+    "check_axis",
+]
 
 P = PartitionSpec
 _is_spec = lambda x: isinstance(x, PartitionSpec)  # noqa: E731
@@ -161,34 +169,53 @@ class Plan:
                 )
 
     def resolve_mesh(self) -> Mesh:
-        """The plan's mesh, or the one set with ``jax.set_mesh``."""
+        """The plan's mesh, or the one set with ``jax.set_mesh``.
+
+        Raises:
+          PlanError: no mesh, a mesh without the layers' axes, or a ``mesh=`` given to
+            a transform while ``jax.set_mesh`` holds a different mesh.
+        """
+        names = " + ".join(layer.describe() for layer in self.layers)
+        context = context_mesh()
+        has_context = not context.empty
         if self.mesh is not None:
+            if has_context and not _same_mesh(context, self.mesh):
+                raise PlanError(
+                    f"{names}: the step was given mesh {_mesh_str(self.mesh)} but is called "
+                    f"inside `jax.set_mesh` with another mesh, {_mesh_str(context)}. Use one: "
+                    "drop mesh= from the transform to follow jax.set_mesh, or call the step "
+                    "outside that `with` block."
+                )
             return self.mesh
-        mesh = jax.sharding.get_mesh()
-        if mesh is None or mesh.empty or not isinstance(mesh, Mesh):
-            names = ", ".join(layer.describe() for layer in self.layers)
+        if not isinstance(context, Mesh):
             raise PlanError(
                 f"{names}: no mesh. Pass mesh=tx.mesh(...) to one of the transforms, "
-                "or call inside `with jax.set_mesh(mesh):`."
+                "or call inside `with jax.set_mesh(mesh):`"
+                + (
+                    " (inside jax.jit only the abstract mesh is known: pass mesh=)."
+                    if has_context
+                    else "."
+                )
             )
-        self.check_mesh(mesh)
-        return mesh
+        self.check_mesh(context)
+        return context
 
     def compile_mesh(self, mesh: Mesh) -> Mesh:
-        """``mesh`` with the axes of global-view transforms made ``Auto``.
+        """``mesh`` with every axis ``Auto``: the mesh the program is compiled on.
 
-        Their layouts still come only from the declared specs; ``Auto`` lets
-        model code contract sharded dimensions without naming an
-        ``out_sharding`` on every operation.
+        Manual axes become ``Manual`` inside the ``shard_map``; the axes of global-view
+        transforms stay ``Auto``, so model code contracts sharded dimensions without
+        naming an ``out_sharding`` on every operation, and their layouts still come
+        only from the declared specs. Arguments and outputs are laid out on this view,
+        so the arrays a step returns carry no ``Explicit`` sharding in their type and
+        work in ordinary JAX code (``jax.jit``, eager indexing, third-party models),
+        whatever the axis types of the user's mesh.
         """
-        auto = {layer.axis for layer in self.layers if not layer.manual}
-        types = tuple(
-            AxisType.Auto if name in auto else t
-            for name, t in zip(mesh.axis_names, mesh.axis_types)
-        )
-        if types == tuple(mesh.axis_types):
+        if all(t == AxisType.Auto for t in mesh.axis_types):
             return mesh
-        return Mesh(mesh.devices, mesh.axis_names, axis_types=types)
+        return Mesh(
+            mesh.devices, mesh.axis_names, axis_types=(AxisType.Auto,) * len(mesh.axis_names)
+        )
 
     def kept_indices(self, nargs: int) -> frozenset[int]:
         """Positions of arguments that no layer lets be donated."""
@@ -238,7 +265,48 @@ class Plan:
                     "Change the mesh axis sizes or the rules so each sharded dimension divides."
                 )
             out.append(merged)
+        self._check_global_view_axes(args, out, names)
         return tuple(out)
+
+    def _check_global_view_axes(
+        self, args: Sequence[Any], specs: Sequence[Any], names: Sequence[str]
+    ) -> None:
+        """Raises when a global-view layer (``tensor_parallel``) lays out no leaf along its
+        axis: its rules do nothing, e.g. a pattern that matches no path, hidden behind
+        the catch-all ``(r".*", P())``."""
+        batch = self.batch_indices(len(args))
+        used = {
+            a
+            for i, tree in enumerate(specs)
+            if i not in batch
+            for s in _spec_leaves(tree)
+            for a in spec_axes(s)
+        }
+        idle = [lay for lay in self.layers if not lay.manual and lay.axis not in used]
+        if not idle:
+            return
+        paths = [
+            f"{names[i].split(' ', 2)[-1].strip('()') or names[i]}/{path}".rstrip("/")
+            + f"  shape {shape_of(leaf)}"
+            for i, arg in enumerate(args)
+            if i not in batch
+            for path, leaf in leaves_with_paths(arg)
+            if shape_of(leaf)
+        ]
+        raise RuleError(
+            f"{idle[0].describe()}: the rules split no leaf along {idle[0].axis!r}, so the "
+            "layer would replicate everything and do nothing. "
+            + (
+                'A pattern probably matches no path, and a catch-all (r".*", P()) took every '
+                f"leaf. The non-batch leaves:\n{bullets(paths)}\n"
+                if paths
+                else "The step has no non-batch array argument to lay out (arrays it closes "
+                "over are constants of the program, never laid out): pass the parameters as "
+                "an argument.\n"
+            )
+            + "Fix the patterns (check them with rules.explain(tree, mesh)), or drop the "
+            f"layer if nothing should be split along {idle[0].axis!r}."
+        )
 
     def bound_axes(self, mesh: Mesh) -> tuple[BoundAxis, ...]:
         return tuple(
@@ -258,7 +326,27 @@ class Plan:
         return stack
 
 
-def _mesh_str(mesh: Mesh | None) -> str:
+def context_mesh() -> Mesh | AbstractMesh:
+    """The mesh set with ``jax.set_mesh``: concrete outside ``jax.jit``, abstract inside
+    (where JAX knows only that; ``get_mesh`` raises there, jax 0.10.2). Empty if none."""
+    try:
+        mesh = jax.sharding.get_mesh()
+    except ValueError:  # inside a trace
+        return jax.sharding.get_abstract_mesh()
+    return mesh if isinstance(mesh, Mesh) and not mesh.empty else jax.sharding.get_abstract_mesh()
+
+
+def _same_mesh(a: Mesh | AbstractMesh, b: Mesh) -> bool:
+    """The same axis names and sizes and, for a concrete ``a``, the same devices (axis
+    types may differ)."""
+    if tuple(a.axis_names) != tuple(b.axis_names) or tuple(a.axis_sizes) != tuple(b.axis_sizes):
+        return False
+    return not isinstance(a, Mesh) or all(
+        x.id == y.id for x, y in zip(a.devices.flat, b.devices.flat)
+    )
+
+
+def _mesh_str(mesh: Mesh | AbstractMesh | None) -> str:
     if mesh is None:
         return "None"
     return "Mesh(" + ", ".join(f"{k}={v}" for k, v in mesh.shape.items()) + ")"

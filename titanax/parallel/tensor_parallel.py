@@ -125,11 +125,11 @@ def constrain(x: Any, spec: PartitionSpec) -> Any:
     Examples:
       >>> import jax.numpy as jnp, titanax as tx
       >>> from jax.sharding import PartitionSpec as P
-      >>> @tx.tensor_parallel(tx.Rules((r".*", P())), mesh=tx.mesh(model=8))
+      >>> @tx.tensor_parallel(tx.Rules((r".*", P("model"))), mesh=tx.mesh(model=8))
       ... def f(w, x):
       ...     h = tx.constrain(x * w, P(None, "model"))   # columns split over 'model'
       ...     return h.sum()
-      >>> float(f(jnp.ones(()), jnp.ones((2, 16))))
+      >>> float(f(jnp.ones(16), jnp.ones((2, 16))))
       32.0
     """
     auto = {b.name for b in bound_axes() if not b.manual}

@@ -66,7 +66,7 @@ def meshes(
       max_axes: the most axes a mesh has.
 
     Returns:
-      A ``SearchStrategy`` of :class:`jax.sharding.Mesh` with ``Explicit`` axes.
+      A ``SearchStrategy`` of :class:`jax.sharding.Mesh` with ``Auto`` axes (as `titanax.mesh` builds them).
 
     Raises:
       MeshError: ``axis_names`` empty, repeated or not strings, or

@@ -200,8 +200,9 @@ def fully_sharded(
       clipping is `clip_by_global_norm` (one scalar all-reduce).
 
     Outputs shaped like a state argument's shards take its layout, so the new
-    state is stored split; other outputs are replicated and checked on the
-    first call, as under `data_parallel`. Composes with `tensor_parallel`
+    state is stored split; other outputs are replicated, and one that may
+    still vary along ``axis`` is a `PlanError` when the step is traced, as
+    under `data_parallel`. Composes with `tensor_parallel`
     (mesh ``data x model``: a leaf split over ``model`` by a rule is split
     over ``data`` on another dimension) and with `pipeline` (stage rows stay
     on ``stage``, each stage's parameters are split over ``data``).
@@ -243,8 +244,8 @@ def fully_sharded(
       >>> state = tx.TrainState.create(jnp.zeros((16, 2)), optax.sgd(0.1))
       >>> x, y = jnp.ones((32, 16)), jnp.ones((32, 2))
       >>> state, loss = step(state, (x, y))
-      >>> state.params.sharding.spec, state.params.addressable_shards[0].data.shape
-      (P('data', None), (2, 2))
+      >>> state.params.sharding.spec[0], state.params.addressable_shards[0].data.shape
+      ('data', (2, 2))
       >>> w = np.asarray(state.params)                            # one whole array again
       >>> w.shape, round(float(w[0, 0]), 6), float(loss)          # what data_parallel gives
       ((16, 2), 0.1, 1.0)

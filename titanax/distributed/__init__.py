@@ -7,6 +7,10 @@ passes the two timeouts that keep a failure from hanging a job; and it turns
 JAX's start-up failures into `DistributedError`s that say
 what was seen and what to do. With one process, no call is needed at all.
 
+On a step's first call for new arguments, `check_first_call` makes sure that every
+process holds a share of the mesh and passes batches of the same shapes (and the same
+other arguments): both would otherwise fail deep in JAX or compute a wrong result.
+
 Environment (what ``titanax launch`` sets for each process):
 
 | variable | meaning |
@@ -25,9 +29,25 @@ from typing import Any
 
 import jax
 
+from titanax.distributed.agreement import (  # noqa: F401 (_describe: for tests)
+    _describe,
+    _settings,
+    agree,
+    check_first_call,
+    check_mesh,
+)
 from titanax.errors import DistributedError
 
-__all__ = ["initialize", "is_initialized", "process_index", "process_count", "is_main_process"]
+__all__ = [
+    "initialize",
+    "is_initialized",
+    "process_index",
+    "process_count",
+    "is_main_process",
+    "check_first_call",
+    "check_mesh",
+    "agree",
+]
 
 ENV_COORDINATOR = "TITANAX_COORDINATOR"
 ENV_NUM_PROCESSES = "TITANAX_NUM_PROCESSES"
@@ -75,6 +95,7 @@ def initialize(
     *,
     timeout_s: int = 300,
     heartbeat_s: int = 100,
+    check_timeout_s: float = 300,
     local_device_ids: Any = None,
 ) -> bool:
     """Joins the processes of a multi-process job; a no-op for one process.
@@ -94,6 +115,9 @@ def initialize(
       heartbeat_s: a process silent for this long is declared dead, and every
         other process is stopped: JAX terminates them with a message naming
         the failure, rather than letting them wait in a collective forever.
+      check_timeout_s: how long the first call of a step (for each new argument
+        structure) waits for every other process to reach it, to compare argument
+        shapes; a process that never comes is a `DistributedError`, not a hang.
       local_device_ids: restrict this process to these local devices.
 
     Returns:
@@ -154,6 +178,7 @@ def initialize(
             "Check that process 0 runs and listens at the coordinator address, that every "
             "process got the same coordinator and num_processes, and that all of them started."
         ) from e
+    _settings["check_timeout_s"] = float(check_timeout_s)
     return True
 
 
