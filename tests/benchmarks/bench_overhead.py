@@ -81,12 +81,11 @@ def compare(name, titanax_step, hand_step, make_state, shardings, batch, steps, 
     return _result(t_tx, t_hand, ratios, c_tx, c_hand)
 
 
-def measure_dp():
-    """Titanax DP step against jit + shard_map by hand (MNIST MLP, data=8)."""
+def _mnist_dp():
+    """The MNIST MLP DP problem: mesh, data, a state maker, and the step written by hand
+    (jit + shard_map) with its batch sharding."""
     mesh = tx.mesh(data=8)
     x, y = mnist.load_digits()[:2]
-    batch = (x[:128], y[:128])
-
     optimizer = optax.adam(1e-3)
 
     def make():
@@ -104,8 +103,15 @@ def measure_dp():
         in_shardings=(rep, dat),
         donate_argnums=0,
     )
+    return mesh, (x, y), make, hand, (rep, dat)
+
+
+def measure_dp():
+    """Titanax DP step against jit + shard_map by hand (MNIST MLP, data=8)."""
+    mesh, (x, y), make, hand, shardings = _mnist_dp()
     titanax_step = tx.data_parallel(mnist.train_step, mesh=mesh)
-    return compare("DP (MNIST MLP, data=8)", titanax_step, hand, make, (rep, dat), batch, steps=100)
+    batch = (x[:128], y[:128])
+    return compare("DP (MNIST MLP, data=8)", titanax_step, hand, make, shardings, batch, steps=100)
 
 
 def measure_host_batches(steps=100, rounds=7):
@@ -114,26 +120,8 @@ def measure_host_batches(steps=100, rounds=7):
 
     The other rows time pre-placed batches; this one times what users run.
     """
-    mesh = tx.mesh(data=8)
-    x, y = mnist.load_digits()[:2]
+    mesh, (x, y), make, compiled, (rep, dat) = _mnist_dp()
     batches = [(x[i : i + 128], y[i : i + 128]) for i in range(0, 1024, 128)]
-    optimizer = optax.adam(1e-3)
-
-    def make():
-        params = mnist.init_params(jax.random.key(0), (64, 128, 128, 10))
-        return tx.TrainState.create(params, optimizer)
-
-    def body(state, batch):
-        loss, grads = jax.value_and_grad(mnist.loss_fn)(state.params, batch)
-        grads = jax.lax.pmean(grads, "data")
-        return state.apply_gradients(grads), {"loss": jax.lax.pmean(loss, "data")}
-
-    rep, dat = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
-    compiled = jax.jit(
-        jax.shard_map(body, mesh=mesh, in_specs=(P(), P("data")), out_specs=P(), check_vma=False),
-        in_shardings=(rep, dat),
-        donate_argnums=0,
-    )
 
     def hand(state, batch):
         return compiled(state, jax.device_put(batch, dat))

@@ -145,3 +145,45 @@ def test_tensor_parallel_rules_that_split_nothing_are_an_error():
         tx.RuleError, match=r"(?s)split no leaf along 'model'.*params/mlp/up/kernel  shape \(4, 8\)"
     ):
         f(params, jnp.ones((2, 4)))
+
+
+def test_keywords_with_defaults_give_the_positional_call(mesh):
+    @tx.data_parallel(mesh=mesh)
+    def loss(w, batch, scale=2.0):
+        return tx.pmean(loss_fn(w, batch), "data") * scale
+
+    b = data()
+    np.testing.assert_allclose(loss(W, batch=b), loss(W, b), rtol=0)
+    np.testing.assert_allclose(loss(W, b), 2 * loss_fn(W, b), rtol=1e-6)
+
+
+def test_a_copied_object_runs_with_its_own_self(mesh):
+    import copy
+    import dataclasses
+
+    @dataclasses.dataclass
+    class Trainer:
+        lr: float
+
+        @tx.data_parallel(mesh=mesh, donate=False)
+        def step(self, w, batch):
+            x, _ = batch
+            return w - self.lr * tx.pmean(x.mean(0), "data")
+
+    t = Trainer(1.0)
+    x = np.ones((64, 4), np.float32)
+    np.testing.assert_allclose(t.step(jnp.zeros(4), (x, x[:, 0])), -np.ones(4))
+    t2 = copy.copy(t)
+    t2.lr = 100.0
+    np.testing.assert_allclose(t2.step(jnp.zeros(4), (x, x[:, 0])), -100 * np.ones(4))
+
+
+def test_a_step_called_inside_a_step_on_the_same_axis_is_a_plan_error(mesh):
+    inner = dp_loss(mesh)
+
+    @tx.fully_sharded(mesh=mesh, donate=False)
+    def outer(w, batch):
+        return inner(w, batch)
+
+    with pytest.raises(tx.PlanError, match=r"(?s)already binds axis 'data'.*by wrapping"):
+        outer(W, data())

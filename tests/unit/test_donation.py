@@ -122,3 +122,37 @@ def test_leaves_that_are_one_array_are_copied_not_crashed(mesh, case):
         a, b = step(emb, emb, data())
         np.testing.assert_allclose(np.asarray(a) + np.asarray(b), 2 * np.asarray(emb), rtol=1e-6)
     assert not emb.is_deleted() or case != "same_array_twice"
+
+
+def test_an_array_the_step_closes_over_is_not_lost_through_donation(mesh):
+    w0 = jnp.ones(4)
+
+    @tx.data_parallel(mesh=mesh)
+    def step(w, batch):
+        x, _ = batch
+        return w + 0.0 * w0 + tx.pmean(x.sum(), "data") * 0.0  # closes over w0
+
+    w = step(w0, data())  # w0 is the donated state and a constant of the program
+    for _ in range(2):
+        w = step(w, data())
+    assert not w0.is_deleted()
+    np.testing.assert_array_equal(w, np.ones(4))
+
+
+def test_a_fully_sharded_state_reset_keeps_its_split_layout(mesh):
+    @tx.fully_sharded(mesh=mesh, min_size=16)
+    def reset(acc, batch):  # zero a split gradient accumulator: equal on every device
+        x, _ = batch
+        return jax.tree.map(jnp.zeros_like, acc), tx.pmean(x.sum(), "data")
+
+    out, _ = reset({"g": jnp.ones((512, 4))}, data(64))
+    assert out["g"].shape == (512, 4) and out["g"].sharding.spec[0] == "data"
+
+    @tx.fully_sharded(mesh=mesh, min_size=16)
+    def reset_one(s, batch):
+        x, _ = batch
+        return {"w": s["w"] * 2, "m": jnp.zeros_like(s["m"])}, tx.pmean(x.sum(), "data")
+
+    out, _ = reset_one({"w": jnp.ones((512, 4)), "m": jnp.ones((512, 4))}, data(64))
+    np.testing.assert_array_equal(out["m"], np.zeros((512, 4)))
+    np.testing.assert_array_equal(out["w"], np.full((512, 4), 2.0))

@@ -164,3 +164,42 @@ def test_check_costs_one_trace(mesh):
     for _ in range(3):
         w, _ = step(w, classifier_data())
     assert len(traces) == 1
+
+
+def test_host_callbacks_and_stateful_random_numbers_vary(mesh):
+    # Their results differ per device whatever their inputs: never called replicated.
+    @tx.data_parallel(mesh=mesh)
+    def step(w, batch):
+        x, _ = batch
+        io = jax.experimental.io_callback(
+            lambda: np.float32(np.random.rand()), jax.ShapeDtypeStruct((), jnp.float32)
+        )
+        pure = jax.pure_callback(
+            lambda: np.float32(np.random.rand()), jax.ShapeDtypeStruct((), jnp.float32)
+        )
+        return w, {"io": io, "pure": pure, "ok": tx.pmean(x.sum(), "data")}
+
+    with pytest.raises(tx.PlanError, match=r"(?s)2 output leaves.*\[io\].*\[pure\]"):
+        step(jnp.ones(3), classifier_data())
+
+
+def test_a_prng_key_argument_works(mesh):
+    @tx.data_parallel(mesh=mesh)
+    def step(w, key, batch):
+        x, _ = batch
+        key = jax.random.fold_in(key, tx.axis_index("data"))  # per-replica dropout key
+        keep = jax.random.bernoulli(key, 0.5, x.shape)
+        return w + tx.pmean(jnp.mean(x * keep), "data"), key
+
+    with pytest.raises(tx.PlanError, match=r"output 1  \(varies along 'data'\)"):
+        step(jnp.ones(3), jax.random.key(0), classifier_data())  # the folded key varies
+
+    @tx.data_parallel(mesh=mesh)
+    def step2(w, key, batch):
+        x, _ = batch
+        keep = jax.random.bernoulli(jax.random.fold_in(key, tx.axis_index("data")), 0.5, x.shape)
+        return w + tx.pmean(jnp.mean(x * keep), "data"), jax.random.split(key)[0]
+
+    w, key = step2(jnp.ones(3), jax.random.key(0), classifier_data())
+    w, key = step2(w, key, classifier_data())
+    assert w.shape == (3,) and jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key)

@@ -17,7 +17,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from titanax._util import Report, bullets, count, leaves_with_paths, shape_of
 from titanax.errors import DistributedError, PlanError
 from titanax.parallel import hlo
-from titanax.parallel.collectives import bind_axes
+from titanax.parallel.collectives import bind_axes, bound_axes
 from titanax.parallel.outputs import check_reduced, check_stray_shards, output_layout, top_level
 from titanax.parallel.plan import Layer, Plan, _is_spec, _restrict, _spec_leaves, context_mesh
 from titanax.parallel.rules import layout_table, spec_axes
@@ -69,6 +69,7 @@ class _Entry:
             lambda s: NamedSharding(self.cmesh, s), self.in_specs, is_leaf=_is_spec
         )
         self.donate: tuple[int, ...] = ()
+        self.const_ids: frozenset[int] = frozenset()
         self._pf, self._args = pf, args
         self._jitted: Any = None
         self._out_specs: Any = None
@@ -124,12 +125,15 @@ class _Entry:
 
         # Decide the outputs' layouts and check them, from the program.
         self.jaxpr = closed  # the body as each device runs it (kept for inspection)
+        # Arrays the body closes over: never donated through an argument that is them too.
+        self.const_ids = frozenset(id(c) for c in closed.consts if isinstance(c, jax.Array))
         sizes = {a: self.mesh.shape[a] for a in manual}
         self.input_axes = [  # per input leaf: the manual axes it varies along
             frozenset(a for a in spec_axes(s) if sizes.get(a, 1) > 1)
             for s in _spec_leaves(local_specs)
         ]
-        vary = varying_axes(closed.jaxpr, self.input_axes) if manual else None
+        every = frozenset(a for a in manual if sizes[a] > 1)
+        vary = varying_axes(closed.jaxpr, self.input_axes, every) if manual else None
         kept = plan.kept_indices(len(args))
         layout = output_layout(local_out, local_in, self.in_specs, self.batch, vary, manual, kept)
         if vary is not None:
@@ -241,8 +245,9 @@ class _Entry:
                 return x
 
             out.append(jax.tree.map(one, arg))
-        # A donated leaf seen before a non-donated copy of itself: copy it too.
-        later = {
+        # A donated leaf seen before a non-donated copy of itself, or that the body closes
+        # over: copy it too.
+        later = set(self.const_ids) | {
             id(x)
             for i, arg in enumerate(out)
             if i not in self.donate
@@ -359,10 +364,17 @@ class ParallelFunction:
                 "__dict__ (__slots__) to keep the compiled program in, so every call would "
                 "compile again. Define the step as a function, or give the class a __dict__."
             )
+        # Kept under a private name, so every lookup comes back here and checks that the
+        # cached step is bound to this very object (a copy.copy of obj shares its __dict__
+        # entries, and must not run with the original's self).
+        key = f"_titanax_bound_{name}"
+        bound = cache.get(key)
+        if isinstance(bound, ParallelFunction) and bound.fun.args[0] is obj:  # type: ignore[attr-defined]
+            return bound
         bound = ParallelFunction(functools.partial(self.fun, obj), self.plan)
         functools.update_wrapper(bound, self.fun)
         bound._attr = name
-        cache[name] = bound  # later lookups find the bound step first (like cached_property)
+        cache[key] = bound
         return bound
 
     # -- calls ---------------------------------------------------------------------------
@@ -384,25 +396,51 @@ class ParallelFunction:
         return entry
 
     def _bind(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, ...]:
-        """Keyword arguments moved to their positions by the function's signature."""
+        """Keyword arguments moved to their positions by the function's signature.
+
+        The call becomes the positional call it stands for: parameters up to the last one
+        given, with defaults only for the gaps (``step(w, batch=x)`` is ``step(w, x)``, so
+        ``batch_argnums=(-1,)`` names the same argument either way).
+        """
         name = getattr(self.fun, "__name__", "the step")
         try:
             sig = inspect.signature(self.fun)
             bound = sig.bind(*args, **kwargs)
         except (TypeError, ValueError) as e:
             raise PlanError(f"{name}: the arguments do not fit its signature: {e}.") from None
-        bound.apply_defaults()
-        if bound.kwargs or any(
-            p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) and p.name in bound.arguments
+        positional = [
+            p
             for p in sig.parameters.values()
-        ):
+            if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+        ]
+        named = {p.name for p in positional}
+        other = sorted(k for k in bound.arguments if k not in named)
+        if other:
             raise PlanError(
                 f"{name}: keyword arguments are placed by their position in the signature, "
-                f"but {', '.join(sorted(kwargs))} has none here (keyword-only or **kwargs). "
-                "Make them positional parameters, or bind constants with functools.partial "
-                "before applying the transform."
+                f"but {', '.join(other)} has none (keyword-only or **kwargs). Make them "
+                "positional parameters, or bind constants with functools.partial before "
+                "applying the transform."
             )
-        return tuple(bound.args)
+        last = max(k for k, p in enumerate(positional) if p.name in bound.arguments)
+        return tuple(
+            bound.arguments[p.name] if p.name in bound.arguments else p.default
+            for p in positional[: last + 1]
+        )
+
+    def _check_not_nested(self) -> None:
+        """Raises when called inside another Titanax step that binds one of our axes."""
+        outer = {b.name: b for b in bound_axes()}
+        clash = [lay for lay in self.plan.layers if lay.axis in outer]
+        if clash:
+            lay = clash[0]
+            raise PlanError(
+                f"{lay.describe()}: {self!r} is called inside another Titanax step whose "
+                f"tx.{outer[lay.axis].transform} already binds axis {lay.axis!r}. Transforms "
+                "compose by wrapping, not by calling one step inside another: call the inner "
+                f"function itself (`{getattr(self.fun, '__name__', 'step')}.fun`), or wrap it "
+                "with the outer transform."
+            )
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         if kwargs:
@@ -410,14 +448,17 @@ class ParallelFunction:
         leaves, treedef = jax.tree.flatten(args)
         if any(isinstance(x, jax.core.Tracer) for x in leaves):
             # Inside the user's jax.jit / jax.grad: one more jit in their trace.
+            self._check_not_nested()
             return self._entry(args).jitted(*args)
         # Steady state: one flatten, one dict lookup, one compiled call. Host arrays
         # (numpy batches) are placed by jit itself, as its in_shardings say.
         entry = self._recent.get(self._key(treedef))
+        ids = {id(x) for x in leaves}
         if (
             entry is not None
             and not entry.multiprocess
-            and len({id(x) for x in leaves}) == len(leaves)
+            and len(ids) == len(leaves)
+            and ids.isdisjoint(entry.const_ids)
         ):
             try:
                 return entry.jitted(*args)
@@ -519,7 +560,7 @@ class _OtherShapes(Exception):
 
 
 def _canonical(dtype: Any) -> Any:
-    return jax.dtypes.canonicalize_dtype(dtype)
+    return jax.dtypes.canonicalize_dtype(dtype, allow_extended_dtype=True)
 
 
 def _dtype(x: Any) -> Any:

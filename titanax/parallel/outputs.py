@@ -58,9 +58,11 @@ def output_layout(
     """An output shaped like a non-batch argument takes its layout; every other is replicated.
 
     ``out`` and ``args`` are shapes as the body sees them (per device along manual axes).
-    With ``vary`` (per output leaf, the manual axes it varies along), an output takes a
-    layout split along manual axes only if it varies along them: a reduced metric with a
-    shard's shape stays replicated. Arguments in ``kept`` (constants) are never the
+    With ``vary`` (per output leaf, the manual axes it varies along), a bare-array output
+    takes a layout split along manual axes only if it varies along them: a reduced metric
+    with a shard's shape stays replicated. A container (dict, tuple, TrainState) with the
+    argument's structure and shapes takes its layout even where it is equal on every
+    device (a state reset to zeros is still a set of shards). Arguments in ``kept`` (constants) are never the
     state an output replaces.
     """
     specs, sources, ambiguous = [], [], set()
@@ -80,6 +82,8 @@ def output_layout(
             and shapes == [shape_of(x) for x in jax.tree.leaves(arg)]
             and (
                 part_vary is None
+                # A container's structure is evidence enough (a state reset to zeros).
+                or not jax.tree_util.treedef_is_leaf(tree)
                 or all(
                     set(spec_axes(s)) & manual <= v
                     for s, v in zip(_spec_leaves(in_specs[i]), part_vary)

@@ -15,6 +15,9 @@ along:
   along it (unless they reduce within ``axis_index_groups``);
 * ``axis_index``, ``ppermute``, ``psum_scatter``, ``all_to_all`` (and any other
   primitive that names an axis) make it vary along that axis;
+* host callbacks (``pure_callback``, ``io_callback``), stateful random numbers
+  (``rng_uniform``), infeed and other equations with side effects vary along every
+  manual axis, whatever their inputs;
 * every other primitive varies along the union of its inputs' axes;
 * nested jaxprs are followed: calls (``jit``, ``remat``, ``custom_jvp``/``custom_vjp``),
   ``cond`` (branches joined, plus the axes of the index: devices may take different
@@ -41,6 +44,9 @@ Axes = frozenset[str]
 _NONE: Axes = frozenset()
 # Results equal on every member of the named axes.
 _REDUCE = {"psum", "pmax", "pmin", "all_gather", "psum_invariant", "all_gather_invariant"}
+# Results that need not be equal on the devices whatever the inputs: host callbacks,
+# stateful random numbers, infeed (and any other equation with side effects).
+_DEVICE_LOCAL = {"pure_callback", "io_callback", "rng_uniform", "infeed"}
 # Calls: the inner jaxpr takes the equation's inputs and gives its outputs.
 _CALL_KEYS = ("jaxpr", "call_jaxpr", "fun_jaxpr")
 
@@ -71,6 +77,16 @@ def _sub_jaxprs(value: Any) -> Iterator[core.Jaxpr]:
             yield from _sub_jaxprs(v)
 
 
+def _side_effects(eqn: core.JaxprEqn) -> bool:
+    """Whether an equation has effects other than naming axes (collectives carry a
+    ``NamedAxisEffect``, jax 0.10.2; JAX exports no class to test it with)."""
+    return any(type(e).__name__ != "NamedAxisEffect" for e in eqn.effects)
+
+
+def _sub_jaxprs_of(params: dict[str, Any]) -> list[core.Jaxpr]:
+    return [j for v in params.values() for j in _sub_jaxprs(v)]
+
+
 def _mentioned(jaxpr: core.Jaxpr) -> Axes:
     """Every axis any equation of ``jaxpr`` (or of its inner jaxprs) names."""
     out: set[str] = set()
@@ -83,7 +99,8 @@ def _mentioned(jaxpr: core.Jaxpr) -> Axes:
 
 
 class _Analysis:
-    def __init__(self) -> None:
+    def __init__(self, every: Axes) -> None:
+        self.every = every  # the manual axes a device-local result varies along
         self.memo: dict[tuple[int, tuple[Axes, ...]], list[Axes]] = {}
         self.keep: list[core.Jaxpr] = []  # memo keys are ids: keep the jaxprs alive
 
@@ -107,6 +124,8 @@ class _Analysis:
     def equation(self, eqn: core.JaxprEqn, ins: list[Axes]) -> list[Axes]:
         name, params, n = eqn.primitive.name, eqn.params, len(eqn.outvars)
         union = _NONE.union(*ins)
+        if name in _DEVICE_LOCAL or (n and _side_effects(eqn) and not _sub_jaxprs_of(params)):
+            return [union | self.every] * n
         if name in _REDUCE and params.get("axis_index_groups") is None:
             names = _names(eqn)
             return [v - names for v in ins] if len(ins) == n else [union - names] * n
@@ -123,7 +142,7 @@ class _Analysis:
             own = frozenset(params.get("manual_axes", ())) | _mentioned_specs(params)
             if inner is not None and len(inner.invars) == len(ins):
                 return [v - own for v in self.run(inner, ins)]
-        if not any(True for v in params.values() for _ in _sub_jaxprs(v)):
+        if not _sub_jaxprs_of(params):
             return [union | _names(eqn)] * n  # a collective not listed above varies
         for key in _CALL_KEYS:
             inner = _open(params.get(key))
@@ -174,15 +193,22 @@ def _mentioned_specs(params: dict[str, Any]) -> Axes:
     return frozenset(out)
 
 
-def varying_axes(jaxpr: core.Jaxpr, inputs: Sequence[Axes]) -> list[Axes]:
+def varying_axes(
+    jaxpr: core.Jaxpr, inputs: Sequence[Axes], every: Axes | None = None
+) -> list[Axes]:
     """The manual axes each output of ``jaxpr`` may vary along, given those of its inputs.
 
     Args:
       jaxpr: the body of a manual transform, traced inside its ``shard_map``.
       inputs: per input variable of ``jaxpr``, the manual axes it varies along.
+      every: every manual axis (of size > 1): what a host callback's or a stateful
+        random result varies along. Defaults to the axes of the inputs and those any
+        equation names.
 
     Returns:
       Per output variable, a superset of the axes along which its per-device values
       can differ: an axis missing from it is one the output is equal along.
     """
-    return _Analysis().run(jaxpr, list(inputs))
+    if every is None:
+        every = _NONE.union(*inputs) | _mentioned(jaxpr)
+    return _Analysis(every).run(jaxpr, list(inputs))
