@@ -112,24 +112,31 @@ def test_mesh_given_while_set_mesh_holds_another_is_a_plan_error(mesh):
 
 
 def test_arrays_a_step_returns_work_in_ordinary_jax_code(mesh):
+    # Under an Explicit 'data' axis the split contracting dimension of `x @ w` would be
+    # part of w's type, and plain jax.jit(loss)(params, x) raised ShardingTypeError.
     @tx.fully_sharded(mesh=mesh, min_size=8)
     def step(state, batch):
+        x, y = batch
         w = tx.gather_params(state.params, "data")
-        loss, g = jax.value_and_grad(lambda w: loss_fn(w["w"], batch))(w)
+        loss, g = jax.value_and_grad(lambda w: jnp.mean((jnp.tanh(x @ w["w"]) - y) ** 2))(w)
         return state.apply_gradients(tx.scatter_grads(g, "data")), tx.pmean(loss, "data")
 
-    state = tx.TrainState.create({"w": jnp.tile(W[:, None], (1, 8)).reshape(4, 8)}, optax.sgd(0.1))
-    x, y = data()
+    rng = np.random.default_rng(0)
+    w0 = jnp.asarray(rng.normal(size=(16, 4)) * 0.3, jnp.float32)
+    x = rng.normal(size=(32, 16)).astype(np.float32)
+    y = rng.normal(size=(32, 4)).astype(np.float32)
+    state = tx.TrainState.create({"w": w0}, optax.sgd(0.1))
 
     def plain_loss(params, x):
         return jnp.mean(jnp.tanh(x @ params["w"]) ** 2)
 
-    state, _ = step(state, (x, jnp.zeros((32, 8), jnp.float32)))
-    assert state.params["w"].sharding.spec[1] == "data"  # stored split
-    value = jax.jit(plain_loss)(state.params, x)  # an Explicit 'data' axis would reject this
+    state, _ = step(state, (x, y))
+    assert state.params["w"].sharding.spec[0] == "data"  # stored split, on the contraction
+    value = jax.jit(plain_loss)(state.params, x)
     np.testing.assert_allclose(value, plain_loss(jax.device_get(state.params), x), rtol=1e-6)
+    np.testing.assert_allclose(plain_loss(state.params, x), value, rtol=1e-6)  # eager too
     np.testing.assert_allclose(state.params["w"][:2], np.asarray(state.params["w"])[:2])
-    state, _ = step(state, (x, jnp.zeros((32, 8), jnp.float32)))  # and back into the step
+    state, _ = step(state, (x, y))  # and back into the step
 
 
 def test_tensor_parallel_rules_that_split_nothing_are_an_error():
