@@ -58,13 +58,13 @@ def test_memory_and_compile_time_against_microbatches():
         for m, (temp, seconds, s) in results.items():
             rows.append(
                 f"| {name} | {m} | {temp / 2**20:.2f} | {seconds:.2f} | "
-                f"{s.bubble_fraction:.3f} | {s.tick_bubble_fraction:.3f} | "
+                f"{s.bubble_fraction:.3f} | {s.lockstep_bubble_fraction:.3f} | "
                 f"{max(s.peak_in_flight)} |"
             )
         t4, c4, _ = results[4]
         t32, c32, _ = results[32]
         rows.append(f"| {name}: m=32 / m=4 | | {t32 / t4:.2f} | {c32 / c4:.2f} | | | |")
     print(
-        "\n| schedule | m | temp MiB | compile s | bubble (table) | bubble (ticks) | "
+        "\n| schedule | m | temp MiB | compile s | bubble (ideal) | bubble (lockstep) | "
         "peak in flight |\n|---|---|---|---|---|---|---|\n" + "\n".join(rows)
     )

@@ -19,7 +19,8 @@ def test_schedule_prints_timeline_and_figures(tmp_path):
     )
     assert result.exit_code == 0, result.output
     assert "device 0 | F0 F1 .  .  B0 B0 F2 B1 B1 .  B2 B2" in result.output
-    assert "bubble fraction 0.250" in result.output
+    assert "ideal: time 12, bubble fraction 0.250" in result.output
+    assert "executed (lockstep, each tick costs its slowest action): time 14, " in result.output
     assert "activations held per device (2, 1)" in result.output
     assert png.read_bytes()[:4] == b"\x89PNG"
 

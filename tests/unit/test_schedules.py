@@ -131,3 +131,34 @@ def test_custom_schedules_are_validated():
             stages=2,
             microbatches=2,
         )
+
+
+@pytest.mark.parametrize(
+    "name, v, ideal, lockstep",
+    [
+        ("gpipe", 1, 105, 105),
+        ("1f1b", 1, 105, 136),
+        ("interleaved_1f1b", 2, 201, 260),
+        ("zero_bubble", 1, 102, 102),
+    ],
+)
+def test_lockstep_time_is_the_time_of_the_executed_ticks(name, v, ideal, lockstep):
+    # DESIGN.md, "Pipeline time is lockstep time" (p=4, m=32): each tick costs its most
+    # expensive action on any device.
+    s = tx.schedules.get(name, stages=4, microbatches=32, virtual_stages=v)
+    assert (s.total_time, s.lockstep_time) == (ideal, lockstep)
+    by_hand = sum(max(s.cost(a.kind) for a in tick if a is not None) for tick in s.ticks)
+    assert s.lockstep_time == by_hand
+    busy = sum(s.cost(a.kind) for acts in s.actions for a in acts)
+    assert s.lockstep_bubble_fraction == pytest.approx(1 - busy / (lockstep * 4))
+
+
+def test_lockstep_time_is_never_below_the_ideal_and_gpipe_pays_nothing():
+    for name, v in [("gpipe", 1), ("1f1b", 1), ("interleaved_1f1b", 2), ("zero_bubble", 1)]:
+        for p in (2, 4, 8):
+            for m in range(p, 8 * p + 1, p):
+                s = tx.schedules.get(name, stages=p, microbatches=m, virtual_stages=v)
+                assert s.lockstep_time >= s.total_time, (name, p, m)
+                assert s.lockstep_bubble_fraction >= s.bubble_fraction - 1e-12
+                if name == "gpipe":  # its ticks are all forwards or all backwards
+                    assert s.lockstep_time == s.total_time

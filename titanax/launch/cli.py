@@ -87,9 +87,11 @@ def schedule(
     typer.echo(s.render())
     typer.echo(
         f"\n{name}: stages={stages}, microbatches={microbatches}, virtual_stages="
-        f"{virtual_stages}\nbubble fraction {s.bubble_fraction:.3f} (time units F=1, "
-        f"B=2{', B=W=1 split' if s.split_backward else ''}); lockstep ticks {len(s.ticks)}, "
-        f"idle {s.tick_bubble_fraction:.3f}\nactivations held per device {s.peak_in_flight}"
+        f"{virtual_stages}\nideal: time {s.total_time}, bubble fraction "
+        f"{s.bubble_fraction:.3f} (time units F=1, B=2{', B=W=1 split' if s.split_backward else ''})"
+        f"\nexecuted (lockstep, each tick costs its slowest action): time {s.lockstep_time}, "
+        f"bubble fraction {s.lockstep_bubble_fraction:.3f}, {len(s.ticks)} ticks"
+        f"\nactivations held per device {s.peak_in_flight}"
     )
     if png:
         s.render_png(png)

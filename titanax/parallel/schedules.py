@@ -216,6 +216,35 @@ class Schedule:
         return sum(a is None for row in self.ticks for a in row) / slots if slots else 0.0
 
     @property
+    def lockstep_time(self) -> int:
+        """The time of the program the executor really runs, in time units.
+
+        The executor runs `ticks` one after another in one SPMD program, with a
+        ``ppermute`` between ticks, so no device starts tick ``t + 1`` before its
+        neighbours finish tick ``t``: each tick costs its most expensive action on any
+        device (F=1, a whole B=2, a split B=1 and W=1). Compare with `total_time`, the
+        ideal time when every device runs as soon as its inputs are ready.
+
+        Examples:
+          >>> import titanax as tx
+          >>> g = tx.schedules.get("gpipe", stages=4, microbatches=32)
+          >>> s = tx.schedules.get("1f1b", stages=4, microbatches=32)
+          >>> (g.total_time, g.lockstep_time), (s.total_time, s.lockstep_time)
+          ((105, 105), (105, 136))
+        """
+        return sum(
+            max((self.cost(a.kind) for a in row if a is not None), default=0) for row in self.ticks
+        )
+
+    @property
+    def lockstep_bubble_fraction(self) -> float:
+        """The idle share of the lockstep program: ``1 - busy / (lockstep_time * stages)``,
+        where ``busy`` is the time units of every action on every device."""
+        total = self.lockstep_time * self.stages
+        busy = sum(self.cost(a.kind) for acts in self.actions for a in acts)
+        return 1.0 - busy / total if total else 0.0
+
+    @property
     def peak_in_flight(self) -> tuple[int, ...]:
         """Per device, the most microbatch activations held at once (from F to the last B or W)."""
         release = "W" if self.split_backward else "B"
