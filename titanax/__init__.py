@@ -27,6 +27,7 @@ from titanax.errors import (
     ConfigError,
     DataError,
     DistributedError,
+    LayerError,
     MeshError,
     PlanError,
     RuleError,
@@ -56,6 +57,7 @@ from titanax.parallel.fully_sharded import (
     shard_params,
 )
 from titanax.parallel.function import ParallelFunction
+from titanax.parallel.layers import stack_layers, unstack_layers
 from titanax.parallel.pipeline import pipeline
 from titanax.parallel.plan import Plan
 from titanax.parallel.rules import Rules
@@ -81,6 +83,9 @@ __all__ = [
     "schedules",
     "Schedule",
     "Action",
+    # per-layer parameter trees to the stacked layout of pipeline and scan, and back
+    "stack_layers",
+    "unstack_layers",
     # guarded collectives
     "psum",
     "pmean",
@@ -115,4 +120,5 @@ __all__ = [
     "DistributedError",
     "DataError",
     "ConfigError",
+    "LayerError",
 ]

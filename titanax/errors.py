@@ -18,6 +18,7 @@ __all__ = [
     "DistributedError",
     "DataError",
     "ConfigError",
+    "LayerError",
 ]
 
 
@@ -59,3 +60,7 @@ class DataError(TitanaxError):
 
 class ConfigError(TitanaxError):
     """A configuration with an unknown key or a value of the wrong type."""
+
+
+class LayerError(TitanaxError):
+    """Per-layer parameter trees that cannot be stacked, or a tree that cannot be unstacked."""

@@ -20,7 +20,10 @@ def test_schedule_prints_timeline_and_figures(tmp_path):
     assert result.exit_code == 0, result.output
     assert "device 0 | F0 F1 .  .  B0 B0 F2 B1 B1 .  B2 B2" in result.output
     assert "ideal: time 12, bubble fraction 0.250" in result.output
-    assert "executed (lockstep, each tick costs its slowest action): time 14, " in result.output
+    assert (
+        "executed (every B split into B and W, one time unit per tick): time 11, "
+        "bubble fraction 0.182" in result.output
+    )
     assert "activations held per device (2, 1)" in result.output
     assert png.read_bytes()[:4] == b"\x89PNG"
 
@@ -57,12 +60,17 @@ def test_explain_an_example_without_training():
 
 @pytest.mark.parametrize("fail_rank, code", [(None, 0), (1, 3)])
 def test_launch_prefixes_ranks_and_returns_the_first_failure(tmp_path, fail_rank, code):
-    script = tmp_path / "job.py"
+    script, printed = tmp_path / "job.py", tmp_path / "printed"
+    # The failing rank exits once rank 0 has printed (it leaves a file): else the launcher
+    # may stop rank 0 before it prints, and its line is missing.
     script.write_text(
-        "import os, sys\n"
+        "import os, sys, time\n"
         "rank = int(os.environ['TITANAX_PROCESS_ID'])\n"
         "print('hello from', rank, 'of', os.environ['TITANAX_NUM_PROCESSES'], "
-        "os.environ['TITANAX_COORDINATOR'].startswith('127.0.0.1:'), sys.argv[1:])\n"
+        "os.environ['TITANAX_COORDINATOR'].startswith('127.0.0.1:'), sys.argv[1:], flush=True)\n"
+        f"if rank == 0: open({str(printed)!r}, 'w').close()\n"
+        f"while rank == {fail_rank} and not os.path.exists({str(printed)!r}):\n"
+        "    time.sleep(0.01)\n"
         f"sys.exit(3 if rank == {fail_rank} else 0)\n"
     )
     result = runner.invoke(app, ["launch", "--nproc", "2", "--grace", "1", str(script), "--x", "1"])

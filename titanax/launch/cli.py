@@ -68,10 +68,15 @@ def _simulate(devices: int) -> None:
 
 @app.command()
 def schedule(
-    name: Annotated[str, typer.Argument(help="gpipe, 1f1b, interleaved_1f1b or zero_bubble")],
+    name: Annotated[
+        str,
+        typer.Argument(help="gpipe, 1f1b, interleaved_1f1b, zero_bubble or zero_bubble_v"),
+    ],
     stages: Annotated[int, typer.Option(help="devices along the pipeline axis")] = 4,
     microbatches: Annotated[int, typer.Option(help="microbatches per step")] = 8,
-    virtual_stages: Annotated[int, typer.Option(help="stages per device")] = 1,
+    virtual_stages: Annotated[
+        int, typer.Option(help="stages per device (interleaved_1f1b: 2 or more; zero_bubble_v: 2)")
+    ] = 1,
     png: Annotated[str | None, typer.Option(help="also draw the timeline to this PNG")] = None,
 ) -> None:
     """Print a pipeline schedule's timeline and its bubble and memory figures."""
@@ -85,13 +90,20 @@ def schedule(
     except TitanaxError as e:
         _fail(e)
     typer.echo(s.render())
+    unit = "per stage chunk, " if virtual_stages > 1 else ""
+    held = "stage-chunk activations" if virtual_stages > 1 else "activations"
+    how = (
+        "as written: no tick mixes a forward with a whole backward"
+        if s.executed is s and not s.split_backward
+        else "every B split into B and W, one time unit per tick"
+    )
     typer.echo(
         f"\n{name}: stages={stages}, microbatches={microbatches}, virtual_stages="
-        f"{virtual_stages}\nideal: time {s.total_time}, bubble fraction "
-        f"{s.bubble_fraction:.3f} (time units F=1, B=2{', B=W=1 split' if s.split_backward else ''})"
-        f"\nexecuted (lockstep, each tick costs its slowest action): time {s.lockstep_time}, "
-        f"bubble fraction {s.lockstep_bubble_fraction:.3f}, {len(s.ticks)} ticks"
-        f"\nactivations held per device {s.peak_in_flight}"
+        f"{virtual_stages}, placement {s.placement!r}\nideal: time {s.total_time}, bubble "
+        f"fraction {s.bubble_fraction:.3f} (time units {unit}F=1, B=2"
+        f"{', B=W=1 split' if s.split_backward else ''})\nexecuted ({how}): time "
+        f"{s.lockstep_time}, bubble fraction "
+        f"{s.lockstep_bubble_fraction:.3f}\n{held} held per device {s.peak_in_flight}"
     )
     if png:
         s.render_png(png)

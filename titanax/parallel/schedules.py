@@ -3,10 +3,13 @@
 A `Schedule` is built in pure Python before anything is traced, so it can be
 checked, measured and drawn without a model: `Schedule.validate`,
 `Schedule.bubble_fraction`, `Schedule.peak_in_flight`,
-`Schedule.render`. The pipeline executor replays it in one SPMD program.
+`Schedule.render`. The pipeline executor replays `Schedule.executed` (every
+backward split into ``B`` and ``W``) in one SPMD program, tick by tick.
 
-Model stage ``s`` lives on device ``s % stages``: with ``virtual_stages = v``, device
-``d`` holds stages ``d, d + p, ..., d + (v - 1) p`` (Megatron's interleaving).
+Where model stage ``s`` lives is the schedule's ``placement``: ``"loop"`` puts it on
+device ``s % stages``, so with ``virtual_stages = v`` device ``d`` holds stages
+``d, d + p, ..., d + (v - 1) p`` (Megatron's interleaving); ``"v"`` (ZB-V, two stages
+per device) puts stages ``d`` and ``2p - 1 - d`` on device ``d``.
 """
 
 from __future__ import annotations
@@ -21,7 +24,9 @@ from titanax.errors import ScheduleError
 __all__ = ["Action", "Schedule", "get", "NAMES"]
 
 Kind = Literal["F", "B", "W"]
-NAMES = ("gpipe", "1f1b", "interleaved_1f1b", "zero_bubble")
+Placement = Literal["loop", "v"]
+NAMES = ("gpipe", "1f1b", "interleaved_1f1b", "zero_bubble", "zero_bubble_v")
+PLACEMENTS = ("loop", "v")
 COST = {"F": 1, "B": 2, "W": 1}  # time units; B is 1 when W is split from it
 
 
@@ -53,6 +58,9 @@ class Schedule:
       microbatches: microbatches per step (``m``).
       virtual_stages: model stages per device (``v``).
       actions: one tuple of `Action` per device, in execution order.
+      placement: where model stages live: ``"loop"`` (stage ``s`` on device
+        ``s % stages``) or ``"v"`` (``virtual_stages=2``; device ``d`` holds stages
+        ``d`` and ``2 * stages - 1 - d``, as in ZB-V).
 
     Examples:
       >>> import titanax as tx
@@ -73,33 +81,86 @@ class Schedule:
     microbatches: int
     virtual_stages: int
     actions: tuple[tuple[Action, ...], ...]
+    placement: Placement = "loop"
 
     @property
     def num_stages(self) -> int:
         """Model stages: ``stages * virtual_stages``."""
         return self.stages * self.virtual_stages
 
-    @property
+    @functools.cached_property
     def split_backward(self) -> bool:
         """Whether the backward is split into ``B`` (input gradient) and ``W`` (weight gradient)."""
         return any(a.kind == "W" for acts in self.actions for a in acts)
 
     def device_of(self, stage: int) -> int:
-        return stage % self.stages
+        """The device that holds model stage ``stage``, by the placement."""
+        p = self.stages
+        if self.placement == "v":
+            return stage if stage < p else 2 * p - 1 - stage
+        return stage % p
+
+    def chunk_of(self, stage: int) -> int:
+        """The device-local index of ``stage``'s parameters: ``stage // stages`` (both placements)."""
+        return stage // self.stages
 
     def cost(self, kind: str) -> int:
         return 1 if (kind == "B" and self.split_backward) else COST[kind]
+
+    @functools.cached_property
+    def executed(self) -> Schedule:
+        """The program the executor runs: this schedule, with the backward split where
+        a whole one would stretch a tick.
+
+        A split schedule (one with ``W`` actions) is returned as is, and so is one
+        whose lockstep table already runs at its ideal time (GPipe: every tick holds
+        only forwards or only backwards, so no tick waits on a slower action).
+        Otherwise each device's ``B(mb, s)`` becomes the input gradient only,
+        followed at once by ``W(mb, s)``, the weight gradient (1 time unit each
+        instead of 2 for the whole backward). Same placement, same activations held.
+        Keeping GPipe whole keeps its ``2 (m + p - 1)`` ticks (split: ``3m + 2(p - 1)``,
+        3 units shorter in the lockstep model but with more ticks, and each tick costs
+        a ``ppermute`` and a switch on the device).
+
+        Examples:
+          >>> import titanax as tx
+          >>> s = tx.schedules.get("1f1b", stages=2, microbatches=2)
+          >>> [str(a) for a in s.executed.actions[0]]
+          ['F0', 'F1', 'B0', 'W0', 'B1', 'W1']
+          >>> g = tx.schedules.get("gpipe", stages=2, microbatches=2)
+          >>> g.executed is g
+          True
+        """
+        if self.split_backward or _lockstep_time(self, _tick_table(self)) == self.total_time:
+            return self
+        rows = tuple(
+            tuple(x for a in acts for x in ((a, a._replace(kind="W")) if a.kind == "B" else (a,)))
+            for acts in self.actions
+        )
+        return dataclasses.replace(self, actions=rows)
 
     def validate(self) -> Schedule:
         """Checks the table and returns it.
 
         Raises:
-          ScheduleError: an action on the wrong device or out of range, a
+          ScheduleError: an unknown placement, placement ``"v"`` without
+            ``virtual_stages=2``, an action on the wrong device or out of range, a
             microbatch not run exactly once per stage, a backward before its
             forward, or an order that deadlocks across devices.
         """
         p, m, s_total = self.stages, self.microbatches, self.num_stages
         where = f"schedule {self.name!r} (stages={p}, microbatches={m}, virtual_stages={self.virtual_stages})"
+        if self.placement not in PLACEMENTS:
+            allowed = ", ".join(repr(x) for x in PLACEMENTS)
+            raise ScheduleError(
+                f"{where}: placement must be one of {allowed}; got {self.placement!r}."
+            )
+        if self.placement == "v" and self.virtual_stages != 2:
+            raise ScheduleError(
+                f"{where}: placement 'v' puts stages d and {2 * p - 1}-d on device d, so it "
+                f"needs virtual_stages=2; got virtual_stages={self.virtual_stages}. Pass "
+                "virtual_stages=2, or placement='loop' for round-robin stages."
+            )
         if len(self.actions) != p:
             raise ScheduleError(f"{where}: has {len(self.actions)} device rows; expected {p}.")
         kinds = ("F", "B", "W") if self.split_backward else ("F", "B")
@@ -132,7 +193,7 @@ class Schedule:
             shown = "\n".join(f"  * {x}" for x in problems[:20])
             more = f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""
             raise ScheduleError(f"{where} is invalid:\n{shown}{more}")
-        self._simulate(unit=False)  # raises on a deadlock
+        _ = self._timeline  # simulating raises on a deadlock; kept for total_time
         return self
 
     def _deps(self, a: Action) -> list[Action]:
@@ -188,30 +249,27 @@ class Schedule:
 
     @functools.cached_property
     def ticks(self) -> tuple[tuple[Action | None, ...], ...]:
-        """The lockstep table the executor runs: per tick, per device, an action or ``None``."""
-        timeline = self._simulate(unit=True)
-        total = max((t[-1][1] for t in timeline if t), default=0)
-        table: list[list[Action | None]] = [[None] * self.stages for _ in range(total)]
-        for d, row in enumerate(timeline):
-            for start, _, a in row:
-                table[start][d] = a
-        return tuple(tuple(r) for r in table)
+        """The lockstep table the executor runs: per tick, per device, an action of
+        `executed` or ``None``; each action as early as its inputs allow."""
+        return _tick_table(self.executed)
 
     @property
     def total_time(self) -> int:
-        """Length of the schedule in time units (F=1, B=2, or B=1 and W=1 when split)."""
+        """Ideal length of the schedule as written, in time units (F=1, B=2, or B=1 and W=1
+        when split), each device starting an action as soon as its inputs are ready."""
         return max((t[-1][1] for t in self._timeline if t), default=0)
 
     @property
     def bubble_fraction(self) -> float:
-        """Idle time over total time, summed over devices."""
+        """Ideal idle time over `total_time`, summed over devices."""
         total = self.total_time * self.stages
         busy = sum(stop - start for row in self._timeline for start, stop, _ in row)
         return (total - busy) / total if total else 0.0
 
     @property
     def tick_bubble_fraction(self) -> float:
-        """Idle slots over all slots of the executor's lockstep table (one action per tick)."""
+        """Idle slots over all slots of `ticks` (equal to `lockstep_bubble_fraction` when
+        every action of `executed` costs one unit, i.e. when it is split)."""
         slots = len(self.ticks) * self.stages
         return sum(a is None for row in self.ticks for a in row) / slots if slots else 0.0
 
@@ -222,26 +280,31 @@ class Schedule:
         The executor runs `ticks` one after another in one SPMD program, with a
         ``ppermute`` between ticks, so no device starts tick ``t + 1`` before its
         neighbours finish tick ``t``: each tick costs its most expensive action on any
-        device (F=1, a whole B=2, a split B=1 and W=1). Compare with `total_time`, the
-        ideal time when every device runs as soon as its inputs are ready.
+        device. That is why it runs `executed`, with the backward split into B and W
+        of 1 unit each wherever a whole one would stretch a tick: a tick that mixed a
+        forward (1) on one device with a whole backward (2) on another would cost 2, and
+        1F1B at ``stages=4, microbatches=32`` ran 136 units that way against its ideal
+        105. Split, every tick costs 1, so this is ``len(ticks)``; and as every action
+        of the split program ends no later than in the whole-backward timeline (by
+        induction over the dependencies), it is never above `total_time`. A schedule
+        kept whole (GPipe) runs at exactly `total_time`.
 
         Examples:
           >>> import titanax as tx
           >>> g = tx.schedules.get("gpipe", stages=4, microbatches=32)
           >>> s = tx.schedules.get("1f1b", stages=4, microbatches=32)
           >>> (g.total_time, g.lockstep_time), (s.total_time, s.lockstep_time)
-          ((105, 105), (105, 136))
+          ((105, 105), (105, 102))
         """
-        return sum(
-            max((self.cost(a.kind) for a in row if a is not None), default=0) for row in self.ticks
-        )
+        return _lockstep_time(self.executed, self.ticks)
 
     @property
     def lockstep_bubble_fraction(self) -> float:
-        """The idle share of the lockstep program: ``1 - busy / (lockstep_time * stages)``,
-        where ``busy`` is the time units of every action on every device."""
+        """The idle share of the executed program: ``1 - busy / (lockstep_time * stages)``,
+        where ``busy`` is the time units of every action of `executed` on every device."""
+        e = self.executed
         total = self.lockstep_time * self.stages
-        busy = sum(self.cost(a.kind) for acts in self.actions for a in acts)
+        busy = sum(e.cost(a.kind) for acts in e.actions for a in acts)
         return 1.0 - busy / total if total else 0.0
 
     @property
@@ -264,7 +327,7 @@ class Schedule:
         for d, row in enumerate(self._timeline):
             cells = ["."] * self.total_time
             for start, stop, a in row:
-                label = str(a) + (f"/{a.stage // self.stages}" if self.virtual_stages > 1 else "")
+                label = str(a) + (f"/{self.chunk_of(a.stage)}" if self.virtual_stages > 1 else "")
                 for t in range(start, stop):
                     cells[t] = label
             rows.append(f"device {d} | " + " ".join(c.ljust(width - 1) for c in cells).rstrip())
@@ -301,6 +364,22 @@ class Schedule:
         fig.tight_layout()
         fig.savefig(path, dpi=120)
         plt.close(fig)
+
+
+def _tick_table(s: Schedule) -> tuple[tuple[Action | None, ...], ...]:
+    """``s`` as a lockstep table: per tick, per device, an action or ``None``."""
+    timeline = s._simulate(unit=True)
+    total = max((t[-1][1] for t in timeline if t), default=0)
+    table: list[list[Action | None]] = [[None] * s.stages for _ in range(total)]
+    for d, row in enumerate(timeline):
+        for start, _, a in row:
+            table[start][d] = a
+    return tuple(tuple(r) for r in table)
+
+
+def _lockstep_time(s: Schedule, ticks: tuple[tuple[Action | None, ...], ...]) -> int:
+    """Each tick costs its most expensive action on any device."""
+    return sum(max((s.cost(a.kind) for a in row if a is not None), default=0) for row in ticks)
 
 
 def _gpipe(p: int, m: int) -> list[list[Action]]:
@@ -346,53 +425,94 @@ def _interleaved(p: int, m: int, v: int) -> list[list[Action]]:
 
 
 def _zero_bubble_h1(p: int, m: int) -> list[list[Action]]:
-    """ZB-H1 (Qi et al., 2023): 1F1B with the weight gradient W split from B and deferred
-    into the bubbles, holding no more activations than 1F1B (``p - d`` on device ``d``).
+    """ZB-H1 (Qi et al. 2023, "Zero Bubble Pipeline Parallelism", Section 3.1, Figure 3).
 
-    Built by simulating time (F = B = W = 1): a device runs a ready B first, then an F
-    while under its activation limit, then a pending W.
+    1F1B with the weight gradient W split from B. Device ``d`` runs 1F1B's ``p - d``
+    warm-up forwards, then ``B_k, W_(k-d), F_(k+p-d)`` for ``k = 0, 1, ...``, then its
+    last ``d`` W. Its W lags its B by ``d`` microbatches: a later device, whose B arrive
+    sooner, runs each at once and leaves ``d`` W for the cool-down, where 1F1B idles.
+    Every device holds at most ``p`` microbatches from F to W (1F1B's peak, on device 0).
+
+    With F = B = W = 1 and ``m >= p`` each device idles ``p - 1`` units (a third of
+    1F1B's ``3(p - 1)``): time ``3m + p - 1``. With ``m < p`` the pipeline never fills
+    and the table takes ``2(m + p) - 1`` units, still below 1F1B's ``3(m + p - 1)``.
     """
-    last = p - 1
-    done: dict[Action, int] = {}
+    rows = []
+    for d in range(p):
+        warm = min(p - d, m)
+        row = [Action("F", i, d) for i in range(warm)]
+        for k in range(m):
+            row.append(Action("B", k, d))
+            row += [Action("W", k - d, d)] if k >= d else []
+            row += [Action("F", k + warm, d)] if k + warm < m else []
+        row += [Action("W", i, d) for i in range(max(m - d, 0), m)]
+        rows.append(row)
+    return rows
+
+
+def _zero_bubble_v(p: int, m: int) -> list[list[Action]]:
+    """ZB-V (Qi et al. 2024, "Pipeline Parallelism with Controllable Memory", V-ZB; also
+    in "Zero Bubble Pipeline Parallelism"): ``2p`` stage chunks, device ``d`` holding chunks
+    ``d`` and ``2p - 1 - d`` (placement ``"v"``), B and W split, memory capped at 1F1B's.
+
+    Built like the paper's generator, by simulating time (F = B = W = 1 per chunk): each
+    tick a device runs a ready B (chunk 0 first: it ends the microbatch there, and its W
+    frees memory), else a ready F while it holds fewer than ``2p`` chunk activations (1F1B's
+    ``p`` whole stages; chunk 1 first, towards the loss), else its oldest pending W. That
+    gives the paper's phases: warm-up forwards of chunk 0 then of both chunks, a steady
+    state of F, B and W of both chunks at the memory cap, and a cool-down filled with W.
+
+    Measured for ``p`` in 2, 3, 4, 8 and ``m = p`` or ``2p <= m <= 8p``: ``6m + p - 1``
+    units, so each device idles ``p - 1`` half-stage units where ZB-H1 idles ``p - 1``
+    whole ones. Some other sizes idle a few units more (``p = 8, m = 9``: 11; ``p = 6``: 7).
+    With ``m < p`` the V never fills (``m = 1``: ``4p + 1``, the critical path).
+    """
+    last, limit, never = 2 * p - 1, 2 * p, 6 * m * p
+    # per kind, stage and microbatch: the tick after which the result is usable
+    end = {k: [[never] * m for _ in range(2 * p)] for k in ("F", "B")}
     rows: list[list[Action]] = [[] for _ in range(p)]
-    next_f, next_b = [0] * p, [0] * p
-    pending_w: list[list[int]] = [[] for _ in range(p)]
+    ran = {k: [[0, 0] for _ in range(p)] for k in ("F", "B")}  # per device and chunk
+    pending_w: list[list[Action]] = [[] for _ in range(p)]
     held = [0] * p
+
+    def ready(kind: Kind, i: int, s: int, t: int) -> bool:
+        if i >= m:
+            return False
+        if kind == "F":
+            return s == 0 or end["F"][s - 1][i] <= t
+        return end["F"][s][i] <= t and (s == last or end["B"][s + 1][i] <= t)
+
     t = 0
-    while any(len(r) < 3 * m for r in rows):
+    while any(len(r) < 6 * m for r in rows):
         chosen: list[Action | None] = []
         for d in range(p):
-            a: Action | None = None
-            b = Action("B", next_b[d], d)
-            b_ready = (
-                next_b[d] < m
-                and done.get(Action("F", next_b[d], d), t + 1) <= t
-                and (d == last or done.get(Action("B", next_b[d], d + 1), t + 1) <= t)
+            own = (d, last - d)  # its chunks 0 and 1
+            order: list[tuple[Kind, int]] = [("B", 0), ("B", 1)]
+            order += [("F", 1), ("F", 0)] if held[d] < limit else []
+            go = [(k, c) for k, c in order if ready(k, ran[k][d][c], own[c], t)]
+            if go:
+                k, c = go[0]
+                chosen.append(Action(k, ran[k][d][c], own[c]))
+            else:
+                chosen.append(pending_w[d][0] if pending_w[d] else None)
+        if not any(chosen):  # then nothing can change; not seen for p <= 8, m <= 8p
+            raise ScheduleError(
+                f"schedule 'zero_bubble_v' (stages={p}, microbatches={m}) stalls at tick {t}; "
+                "this is a bug in Titanax: please report it, and use 'zero_bubble' meanwhile."
             )
-            f_ready = next_f[d] < m and (
-                d == 0 or done.get(Action("F", next_f[d], d - 1), t + 1) <= t
-            )
-            if b_ready:
-                a = b
-            elif f_ready and held[d] < p - d:
-                a = Action("F", next_f[d], d)
-            elif pending_w[d]:
-                a = Action("W", pending_w[d][0], d)
-            chosen.append(a)
         for d, a in enumerate(chosen):
             if a is None:
                 continue
             rows[d].append(a)
-            done[a] = t + 1
-            if a.kind == "F":
-                next_f[d] += 1
-                held[d] += 1
-            elif a.kind == "B":
-                next_b[d] += 1
-                pending_w[d].append(a.microbatch)
-            else:
+            if a.kind == "W":
                 pending_w[d].pop(0)
                 held[d] -= 1
+                continue
+            end[a.kind][a.stage][a.microbatch] = t + 1
+            ran[a.kind][d][a.stage // p] += 1
+            held[d] += a.kind == "F"
+            if a.kind == "B":
+                pending_w[d].append(a._replace(kind="W"))
         t += 1
     return rows
 
@@ -401,10 +521,12 @@ def get(name: str, *, stages: int, microbatches: int, virtual_stages: int = 1) -
     """Builds and validates a named schedule.
 
     Args:
-      name: one of ``"gpipe"``, ``"1f1b"``, ``"interleaved_1f1b"``, ``"zero_bubble"`` (ZB-H1).
+      name: one of ``"gpipe"``, ``"1f1b"``, ``"interleaved_1f1b"``, ``"zero_bubble"``
+        (ZB-H1), ``"zero_bubble_v"`` (ZB-V, placement ``"v"``).
       stages: devices along the pipeline axis (``p``).
       microbatches: microbatches per step (``m``).
-      virtual_stages: model stages per device (``v``); ``interleaved_1f1b`` needs ``v >= 2``.
+      virtual_stages: model stages per device (``v``); ``interleaved_1f1b`` needs
+        ``v >= 2``, ``zero_bubble_v`` exactly 2, the others 1.
 
     Returns:
       A validated `Schedule`.
@@ -425,7 +547,7 @@ def get(name: str, *, stages: int, microbatches: int, virtual_stages: int = 1) -
       >>> tx.schedules.get("1F1B", stages=4, microbatches=8)
       Traceback (most recent call last):
       ...
-      titanax.errors.ScheduleError: schedule must be one of 'gpipe', '1f1b', 'interleaved_1f1b', 'zero_bubble'; got '1F1B'.
+      titanax.errors.ScheduleError: schedule must be one of 'gpipe', '1f1b', 'interleaved_1f1b', 'zero_bubble', 'zero_bubble_v'; got '1F1B'.
     """
     if name not in NAMES:
         allowed = ", ".join(repr(n) for n in NAMES)
@@ -438,7 +560,15 @@ def get(name: str, *, stages: int, microbatches: int, virtual_stages: int = 1) -
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ScheduleError(f"schedule {name!r}: {arg} must be a positive int, got {value!r}.")
     p, m, v = stages, microbatches, virtual_stages
-    if name == "interleaved_1f1b":
+    placement: Placement = "loop"
+    if name == "zero_bubble_v":
+        if v != 2:
+            raise ScheduleError(
+                "schedule 'zero_bubble_v' holds two model stages per device, in a V: pass "
+                f"virtual_stages=2; got virtual_stages={v}."
+            )
+        rows, placement = _zero_bubble_v(p, m), "v"
+    elif name == "interleaved_1f1b":
         if v < 2:
             raise ScheduleError(
                 f"schedule 'interleaved_1f1b' needs virtual_stages >= 2, got {v}; with one "
@@ -454,13 +584,14 @@ def get(name: str, *, stages: int, microbatches: int, virtual_stages: int = 1) -
         rows = _interleaved(p, m, v)
     else:
         if v != 1:
+            other = "'zero_bubble_v'" if name == "zero_bubble" and v == 2 else "'interleaved_1f1b'"
             raise ScheduleError(
                 f"schedule {name!r} holds one stage per device (virtual_stages=1), got "
-                f"virtual_stages={v}; use 'interleaved_1f1b' for {v} stages per device."
+                f"virtual_stages={v}; use {other} for {v} stages per device."
             )
         build = {"gpipe": _gpipe, "1f1b": _one_f_one_b, "zero_bubble": _zero_bubble_h1}[name]
         rows = build(p, m)
-    return Schedule(name, p, m, v, tuple(tuple(r) for r in rows)).validate()
+    return Schedule(name, p, m, v, tuple(tuple(r) for r in rows), placement).validate()
 
 
 def from_actions(
@@ -470,12 +601,19 @@ def from_actions(
     microbatches: int,
     virtual_stages: int = 1,
     name: str = "custom",
+    placement: Placement = "loop",
 ) -> Schedule:
-    """A validated user-made schedule from per-device action lists."""
+    """A validated user-made schedule from per-device action lists.
+
+    ``placement`` says where model stages live: ``"loop"`` (stage ``s`` on device
+    ``s % stages``) or ``"v"`` (``virtual_stages=2``: stages ``d`` and
+    ``2 * stages - 1 - d`` on device ``d``).
+    """
     return Schedule(
         name,
         stages,
         microbatches,
         virtual_stages,
         tuple(tuple(Action(*a) for a in row) for row in actions),
+        placement,
     ).validate()

@@ -196,13 +196,13 @@ def schedules(
     Draws a name, a stage count (``1 .. max_stages``) and a microbatch count
     (``1 .. max_microbatches``). For ``"interleaved_1f1b"`` it also draws
     ``virtual_stages`` (``2 .. max_virtual_stages``) and a microbatch count
-    that is a multiple of the stage count, as that schedule needs; the others
-    hold one stage per device. Every drawn schedule is validated.
+    that is a multiple of the stage count, as that schedule needs;
+    ``"zero_bubble_v"`` holds two stages per device; the others hold one. Every drawn schedule is validated.
 
     Args:
       max_stages: the most devices along the pipeline axis.
       max_microbatches: the most microbatches.
-      names: the schedules to draw from; defaults to all four.
+      names: the schedules to draw from; defaults to all of them.
       stages: a fixed stage count (the size of your mesh's stage axis)
         instead of drawing one.
       max_virtual_stages: the most model stages per device for ``"interleaved_1f1b"``.
@@ -260,6 +260,8 @@ def schedules(
         if interleaved:
             m = p * draw(st.integers(1, m_max // p))
             v = draw(st.integers(2, v_max))
+        elif name == "zero_bubble_v":  # two stages per device, in a V
+            m, v = draw(st.integers(1, m_max)), 2
         else:
             m, v = draw(st.integers(1, m_max)), 1
         return _schedules.get(name, stages=p, microbatches=m, virtual_stages=v)

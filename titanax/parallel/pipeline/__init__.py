@@ -16,12 +16,14 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 from jax.sharding import AbstractMesh, AxisType, Mesh, PartitionSpec
 
 from titanax._util import shape_of
 from titanax.errors import ScheduleError
 from titanax.parallel.pipeline.executor import executor as _executor
 from titanax.parallel.pipeline.tables import Tables, compile_tables
+from titanax.parallel.plan import context_mesh
 from titanax.parallel.schedules import NAMES, Schedule, get
 
 __all__ = ["pipeline", "compile_tables", "Tables"]
@@ -120,56 +122,76 @@ def pipeline(
             s = get(schedule, stages=p, microbatches=microbatches, virtual_stages=virtual_stages)
         return s, compile_tables(s)
 
-    @functools.cache
-    def program(view: Mesh | AbstractMesh, in_trace: bool, has_loss_params: bool) -> Any:
-        """The traced computation for one mesh (cached: repeated calls reuse one jit)."""
+    def loss_of(has_loss_params: bool) -> Callable[[Any, Any, Any], Any]:
+        return lambda q, y, t: loss(q if has_loss_params else None, y, t)
+
+    def program(
+        view: Mesh | AbstractMesh,
+        concrete: Mesh | None,
+        stage_fn: Callable[[Any, Any], Any],
+        loss_fn: Callable[[Any, Any, Any], Any],
+        has_loss_params: bool,
+    ) -> Callable[..., Any]:
+        """``call(stage_params, x, targets, loss_params)`` for one mesh."""
         p = view.shape[axis]
         s, tables = plan(p)
         v = s.virtual_stages
         explicit = view._name_to_type[axis] == AxisType.Explicit
-
-        def loss_of(q: Any, y: Any, t: Any) -> Any:
-            return loss(q if has_loss_params else None, y, t)
-
-        run = _executor(stages, loss_of, s, tables, axis, remat)
+        # grid[c, d] is the model stage of chunk c on device d ("loop": c * p + d).
+        order = [[_stage_at(s, c, d) for d in range(p)] for c in range(v)]
+        looped = all(order[c][d] == c * p + d for c in range(v) for d in range(p))
+        flat = [st for chunk in order for st in chunk]
+        back = [flat.index(st) for st in range(p * v)]
 
         def split(a: Any) -> Any:
             return a.reshape(microbatches, a.shape[0] // microbatches, *a.shape[1:])
 
-        def rows(a: Any) -> Any:  # (v, p, ...) back to stage order (p * v, ...)
+        def to_grid(a: Any) -> Any:
+            a = a if looped else a[jnp.asarray(flat)]
+            a = a.reshape(v, p, *a.shape[1:])
+            if explicit:  # an Explicit axis is part of the type: lay the rows out first
+                a = jax.sharding.reshard(a, P(None, axis))
+            return a
+
+        def from_grid(a: Any) -> Any:  # (v, p, ...) back to model-stage order (p * v, ...)
             shape = (p * v, *a.shape[2:])
-            if not explicit:
-                return a.reshape(shape)
-            out = P(axis) if v == 1 else P()  # interleaved rows are not one block per device
-            return jax.lax.reshape(a, shape, out_sharding=out)
+            if explicit:
+                out = P(axis) if v == 1 else P()  # other rows are not one block per device
+                a = jax.lax.reshape(a, shape, out_sharding=out)
+            else:
+                a = a.reshape(shape)
+            return a if looped else a[jnp.asarray(back)]
+
+        run = _executor(stage_fn, loss_fn, s, tables, axis, remat)
 
         def call(stage_params: Any, x: Any, targets: Any, lp: Any) -> Any:
-            # Stage s lives on device s % p: view rows as (v, p) and split the p dimension.
-            grid = jax.tree.map(lambda a: a.reshape(v, p, *a.shape[1:]), stage_params)
-            if explicit:  # an Explicit axis is part of the type: lay the rows out first
-                grid = jax.tree.map(lambda a: jax.sharding.reshard(a, P(None, axis)), grid)
             local = jax.shard_map(
-                lambda g, *rest: _squeeze_run(run, g, *rest),
-                mesh=None if in_trace else view,
+                functools.partial(_squeeze_run, run),
+                mesh=concrete,
                 in_specs=(P(None, axis), P(), P(), P()),
                 out_specs=(P(), P(None, axis), P(), P()),
                 axis_names={axis},
                 check_vma=False,
             )
+            grid = jax.tree.map(to_grid, stage_params)
             xs, ts = jax.tree.map(split, x), jax.tree.map(split, targets)
             loss_value, g_grid, g_xs, g_lp = local(grid, xs, ts, lp)
             g_x = jax.tree.map(lambda a: a.reshape(-1, *a.shape[2:]), g_xs)
-            g_stage = jax.tree.map(rows, g_grid)
+            g_stage = jax.tree.map(from_grid, g_grid)
             return loss_value, (g_stage, g_x, g_lp if has_loss_params else None)
 
-        return call if in_trace else jax.jit(call)
+        return call
+
+    @functools.cache
+    def compiled(view: Mesh, has_loss_params: bool) -> Any:
+        """Outside any trace: one ``jax.jit`` per mesh (repeated calls reuse it)."""
+        return jax.jit(program(view, None, stages, loss_of(has_loss_params), has_loss_params))
 
     def pipe(stage_params: Any, x: Any, targets: Any, loss_params: Any = None) -> Any:
-        ctx = jax.sharding.get_abstract_mesh()
-        in_trace = not ctx.empty  # inside a Titanax step (or any trace with a mesh)
-        view: Mesh | AbstractMesh | None = (
-            ctx if in_trace else mesh if mesh is not None else jax.sharding.get_mesh()
-        )
+        args = (stage_params, x, targets, loss_params)
+        traced = any(isinstance(a, jax.core.Tracer) for a in jax.tree.leaves(args))
+        ctx = context_mesh()
+        view: Mesh | AbstractMesh | None = mesh if ctx.empty else ctx
         if view is None or view.empty:
             raise ScheduleError(
                 f"pipeline(axis={axis!r}): no mesh. Pass mesh=tx.mesh(...), call it inside a "
@@ -188,7 +210,8 @@ def pipeline(
             raise ScheduleError(
                 f"pipeline(axis={axis!r}): stage_params leaves have {sorted(rows)} rows, but the "
                 f"pipeline runs {p * v} stages ({p} devices along {axis!r} x virtual_stages="
-                f"{v}). Stack one row per stage, or change the mesh or virtual_stages."
+                f"{v}). Stack one row per stage (tx.stack_layers), or change the mesh or "
+                "virtual_stages."
             )
         batch = {shape_of(a)[0] if shape_of(a) else -1 for a in jax.tree.leaves((x, targets))}
         if len(batch) != 1 or min(batch) < 1 or min(batch) % microbatches:
@@ -197,15 +220,44 @@ def pipeline(
                 f"targets have leading dimensions {sorted(batch)}. Use a batch that is a "
                 f"multiple of {microbatches}, or another number of microbatches."
             )
-        call = program(view, in_trace, loss_params is not None)
+        has_lp = loss_params is not None
         lp = {} if loss_params is None else loss_params
-        if in_trace:
+        if not traced:
+            assert isinstance(view, Mesh)  # outside a trace the mesh is concrete
+            call = compiled(view, has_lp)
+            if ctx.empty:
+                with jax.set_mesh(view):
+                    return call(stage_params, x, targets, lp)
             return call(stage_params, x, targets, lp)
-        assert isinstance(view, Mesh)  # outside a trace the mesh is concrete
-        with jax.set_mesh(view):
+        # Inside a trace (a Titanax step, or the user's own jax.jit): no jit of our own.
+        concrete = view if isinstance(view, Mesh) else None
+        call = program(view, concrete, stages, loss_of(has_lp), has_lp)
+        try:
+            if ctx.empty:  # the user's own jit without jax.set_mesh: give the trace the mesh
+                with jax.sharding.use_abstract_mesh(view.abstract_mesh):
+                    return call(stage_params, x, targets, lp)
             return call(stage_params, x, targets, lp)
+        except ValueError as e:
+            if "should match the aval mesh" not in str(e):
+                raise
+            manual = [n for n, t in view._name_to_type.items() if t == AxisType.Manual]
+            raise ScheduleError(
+                f"pipeline(axis={axis!r}): the stage or loss function uses an array computed "
+                f"inside the step (manual axes {manual}) that it does not receive as an "
+                "argument; JAX cannot close over such a value inside the pipeline's own "
+                f"shard_map over {axis!r} (jax 0.10.2). Pass it in: as a leaf of loss_params "
+                "(its gradient comes back in g_loss_params), or as a stage_params leaf with "
+                "one row per stage; or compute it inside the stage or loss function."
+            ) from e
 
     return pipe
+
+
+def _stage_at(s: Schedule, chunk: int, device: int) -> int:
+    """The model stage whose parameters sit at ``(chunk, device)`` of the executor's grid."""
+    return next(
+        st for st in range(s.num_stages) if (s.chunk_of(st), s.device_of(st)) == (chunk, device)
+    )
 
 
 def _squeeze_run(run: Callable[..., Any], grid: Any, *rest: Any) -> Any:
