@@ -14,6 +14,15 @@ import titanax as tx
 D, ROWS = 256, 8
 
 
+SCHEDULES = [
+    ("gpipe", 1),
+    ("1f1b", 1),
+    ("interleaved_1f1b", 2),
+    ("zero_bubble", 1),
+    ("zero_bubble_v", 2),
+]
+
+
 def stage(p, x):
     return x + jnp.tanh(jnp.tanh(x @ p["w"]) @ p["w2"])
 
@@ -45,15 +54,25 @@ def measure(name, m, v=1, p=4):
 
 def table():
     """``{schedule: {m: (temp bytes, compile s, Schedule)}}`` for p=4, m in 4, 8, 16, 32."""
-    return {
-        name: {m: measure(name, m, v) for m in (4, 8, 16, 32)}
-        for name, v in [("gpipe", 1), ("1f1b", 1), ("interleaved_1f1b", 2), ("zero_bubble", 1)]
-    }
+    return {name: {m: measure(name, m, v) for m in (4, 8, 16, 32)} for name, v in SCHEDULES}
+
+
+def lockstep_grid():
+    """``{(schedule, p): (worst lockstep / ideal over m = p .. 8p, ZB bubble at m = 8p)}``:
+    the time of the program the executor runs against the schedule's ideal time."""
+    out = {}
+    for name, v in SCHEDULES:
+        for p in (2, 4, 8):
+            ms = [m for m in range(p, 8 * p + 1) if name != "interleaved_1f1b" or m % p == 0]
+            runs = [tx.schedules.get(name, stages=p, microbatches=m, virtual_stages=v) for m in ms]
+            worst = max(s.lockstep_time / s.total_time for s in runs)
+            out[name, p] = (worst, runs[-1].lockstep_bubble_fraction)
+    return out
 
 
 def test_memory_and_compile_time_against_microbatches():
     rows = []
-    for name, v in [("gpipe", 1), ("1f1b", 1), ("interleaved_1f1b", 2), ("zero_bubble", 1)]:
+    for name, v in SCHEDULES:
         results = {m: measure(name, m, v) for m in (4, 8, 16, 32)}
         for m, (temp, seconds, s) in results.items():
             rows.append(

@@ -21,9 +21,11 @@ from titanax.parallel.pipeline.tables import (
     BWD,
     BWD_FIRST,
     BWD_FIRST_WGT,
+    BWD_WGT,
     FWD,
     FWD_LAST,
     IDLE,
+    WGT,
     Tables,
 )
 from titanax.parallel.schedules import Schedule
@@ -99,11 +101,11 @@ def executor(
         # buffer) and return only this tick's results; the buffers are written outside the
         # switch, so XLA does not copy them into and out of every branch each tick.
         def idle(o: dict[str, Any]) -> dict[str, Any]:
-            return {**nothing, "acc": o["acc"]}
+            return nothing
 
         def fwd(o: dict[str, Any]) -> dict[str, Any]:
             y, kept = vjp.forward(o["pc"], o["xin"])
-            return {**nothing, "out": y, "kept": [] if remat else kept, "acc": o["acc"]}
+            return {**nothing, "out": y, "kept": [] if remat else kept}
 
         def fwd_last(o: dict[str, Any]) -> dict[str, Any]:
             y, kept = vjp.forward(o["pc"], o["xin"])
@@ -114,31 +116,17 @@ def executor(
                 "kept": [] if remat else kept,
                 "loss": value.astype(jnp.float32),
                 "g_lp": _wide(g_lp),
-                "acc": o["acc"],
             }
 
         def bwd(o: dict[str, Any]) -> dict[str, Any]:
             saved = None if remat else o["saved"]
             g_in, stash = vjp.backward_input(o["pc"], o["xin"], saved, o["g_out"])
-            return {**nothing, "out": g_in, "stash": stash, "acc": o["acc"]}
+            return {**nothing, "out": g_in, "stash": stash}
 
-        def accumulate(o: dict[str, Any], stash: Any) -> Any:
-            g = vjp.backward_weight(o["pc"], o["xin"], stash)
-            acc = _index(o["acc"], o["chunk"])
-            return _update(
-                o["acc"], jax.tree.map(lambda a, b: a + b.astype(a.dtype), acc, g), o["chunk"]
-            )
-
-        def wgt(o: dict[str, Any]) -> dict[str, Any]:
-            return {**nothing, "acc": accumulate(o, o["stash"])}
-
-        def bwd_wgt(o: dict[str, Any]) -> dict[str, Any]:  # a whole backward: B, then W
-            b = bwd(o)
-            return {**b, "acc": accumulate(o, b["stash"])}
-
-        # One branch per distinct action the schedule runs (BWD_FIRST is BWD, its g_x is
-        # filed below): XLA compiles every branch of the switch, used or not.
-        by_kind = [idle, fwd, fwd_last, bwd, bwd, wgt, bwd_wgt, bwd_wgt]  # tables.IDLE, ...
+        # One branch per distinct action the schedule runs: XLA compiles every branch of the
+        # switch, used or not. B serves every backward (stage 0's files g_x below; a whole
+        # backward's W runs right after it, below); W runs outside the switch.
+        by_kind = [idle, fwd, fwd_last, bwd, bwd, idle, bwd, bwd]  # tables.IDLE, ...
         branches: list[Callable[[dict[str, Any]], dict[str, Any]]] = []
         branch_of = np.zeros(len(by_kind), np.int32)
         for k in sorted({int(k) for k in np.unique(tables.kind)} | {IDLE}):
@@ -146,6 +134,16 @@ def executor(
                 branches.append(by_kind[k])
             branch_of[k] = branches.index(by_kind[k])
         rows = {**tables.rows(), "branch": jnp.asarray(branch_of[tables.kind])}
+        has_w = bool(np.isin(tables.kind, (WGT, BWD_WGT, BWD_FIRST_WGT)).any())
+
+        def accumulate(acc: Any, pc: Any, xin: Any, stash: Any, chunk: Any) -> Any:
+            """W: the weight gradient from B's stash, added to the float32 accumulator.
+
+            Its own ``cond`` with the accumulator as the only large operand: ticks without
+            a W leave it in place instead of copying it through the switch."""
+            g = vjp.backward_weight(pc, xin, stash)
+            total = jax.tree.map(lambda a, b: a + b.astype(a.dtype), _index(acc, chunk), g)
+            return _update(acc, total, chunk)
 
         def tick(c: dict[str, Any], row_all: dict[str, Any]) -> tuple[dict[str, Any], None]:
             row = {k: v[me] for k, v in row_all.items()}
@@ -159,8 +157,6 @@ def executor(
                 "saved": [] if remat else _index(c["r"], row["r_slot"]),
                 "stash": _index(c["s"], row["s_slot"]),
                 "t": _index(targets, mb),
-                "acc": c["g_params"],
-                "chunk": row["chunk"],
             }
             o = jax.lax.switch(row["branch"], branches, operands)
             is_f, is_b = (kind == FWD) | (kind == FWD_LAST), (kind == BWD) | (kind == BWD_FIRST)
@@ -172,16 +168,38 @@ def executor(
                 else _file(c["r"], o["kept"], jnp.where(is_f, row["r_slot"], -1)),
                 "s": _file(c["s"], o["stash"], jnp.where(is_b, row["s_slot"], -1)),
                 "g_x": _file(c["g_x"], _wide(o["out"]), jnp.where(to_g_x, mb, -1)),
-                "g_params": o["acc"],
                 "loss": c["loss"] + o["loss"],
                 "g_lp": jax.tree.map(jnp.add, c["g_lp"], o["g_lp"]),
             }
+            if has_w:
+                whole = (kind == BWD_WGT) | (kind == BWD_FIRST_WGT)
+                stash = jax.tree.map(
+                    lambda a, b: jnp.where(whole, a, b), o["stash"], operands["stash"]
+                )
+                c["g_params"] = jax.lax.cond(
+                    whole | (kind == WGT),
+                    accumulate,
+                    lambda acc, *_: acc,
+                    c["g_params"],
+                    operands["pc"],
+                    operands["xin"],
+                    stash,
+                    row["chunk"],
+                )
             out = o["out"]
             msg = _file(c["msg"], out, row["keep"])
-            if tables.right:
-                msg = _file(msg, jax.lax.ppermute(out, axis, tables.right), row["from_left"])
-            if tables.left:
-                msg = _file(msg, jax.lax.ppermute(out, axis, tables.left), row["from_right"])
+            for pairs, slot, busy in (
+                (tables.right, row["from_left"], row_all["from_left"]),
+                (tables.left, row["from_right"], row_all["from_right"]),
+            ):
+                if pairs:  # skipped on ticks where no device sends this way (same on all)
+                    got = jax.lax.cond(
+                        (busy >= 0).any(),
+                        lambda v, pairs=pairs: jax.lax.ppermute(v, axis, pairs),
+                        lambda v: v,
+                        out,
+                    )
+                    msg = _file(msg, got, slot)
             return {**c, "msg": msg}, None
 
         carry = {
