@@ -378,3 +378,40 @@ def test_bf16_gradients_are_accumulated_in_float32():
 
     one, many = error(1), error(32)
     assert many <= max(1.2 * one, 2**-8)  # bf16's own rounding of the result: 2^-8 relative
+
+
+@pytest.mark.parametrize("name, v", [("1f1b", 1), ("zero_bubble_v", 2)])
+def test_pipeline_claims_the_stage_axis_for_stage_params_and_their_moments(name, v):
+    """Inside a data_parallel step on data x stage, with no tensor_parallel layer over
+    'stage', the stage parameters and their Adam moments are laid out along 'stage' by
+    the pipeline itself: no all-gather of stage weights or gradients per step."""
+    import optax
+
+    mesh = tx.mesh(data=2, stage=4)
+    sp, x, t, lp = problem(4 * v, 8, rows=2)
+    pipe = tx.pipeline(stage, schedule=name, virtual_stages=v, microbatches=4, loss=loss)
+    state = tx.TrainState.create({"stages": sp, "head": lp}, optax.adam(1e-2))
+
+    @tx.data_parallel(mesh=mesh, batch_argnums=1)
+    def step(state, batch):
+        x, t = batch
+        value, (g_sp, _, g_lp) = pipe(state.params["stages"], x, t, state.params["head"])
+        grads = tx.pmean({"stages": g_sp, "head": g_lp}, "data")
+        return state.apply_gradients(grads=grads), tx.pmean(value, "data")
+
+    in_specs, out_specs = step.specs(state, (x, t))
+    assert in_specs[0].params["stages"]["w"] == P("stage")
+    assert in_specs[0].opt_state[0].mu["stages"]["w2"] == P("stage")
+    assert in_specs[0].params["head"]["head"] == P()  # not a stage parameter
+    assert out_specs[0].opt_state[0].nu["stages"]["b"] == P("stage")
+    text = step.lower(state, (x, t)).compile().as_text()
+    found = hlo.summary(hlo.collectives(text, mesh))
+    if v == 1:
+        assert found.get(("all-gather", ("stage",)), 0) == 0
+    # the same numbers as the reference step
+    _, g_ref, g_lp_ref = _reference_step(sp, lp, x, t, 8)
+    want = optax.adam(1e-2).update({"stages": g_ref, "head": g_lp_ref}, state.opt_state)[0]
+    before = jax.tree.map(np.asarray, state.params)
+    new, _ = step(state, (x, t))  # donates state
+    assert_matches(jax.tree.map(lambda a, b: a - b, new.params, before), want, rtol=1e-4)
+    assert new.params["stages"]["w"].sharding.spec == P("stage")

@@ -19,6 +19,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from titanax._util import bullets, count, leaves_with_paths, shape_of
 from titanax.errors import PlanError
+from titanax.parallel.claims import Claim, collecting
 from titanax.parallel.collectives import bind_axes
 from titanax.parallel.outputs import check_reduced, check_stray_shards, output_layout
 from titanax.parallel.plan import Plan, _is_spec, _restrict, _spec_leaves
@@ -101,8 +102,10 @@ class Entry:
         local_specs = jax.tree.map(lambda s: _restrict(s, manual), self.in_specs, is_leaf=_is_spec)
         local_in = jax.tree.map(lambda a, s: _local(a, s, self.mesh), avals, local_specs)
         where = " + ".join(lay.describe() for lay in plan.layers)
+        traced: dict[str, Any] = {}
 
         def body(*local_args: Any) -> Any:
+            traced["inputs"] = jax.tree.leaves(local_args)  # to find what is claimed
             with bind_axes(bound), plan.entered(avals, self.in_specs, self.mesh, local_args):
                 return fun(*local_args)
 
@@ -117,16 +120,16 @@ class Entry:
             )
 
         # Trace the body once, as each device sees it.
-        traced: dict[str, Any] = {}
 
         def trace_body(*local_args: Any) -> Any:
             closed, shapes = jax.make_jaxpr(body, return_shape=True)(*local_args)
             traced["jaxpr"], traced["shapes"] = closed, shapes
             return jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), shapes)
 
-        with jax.sharding.use_abstract_mesh(self.cmesh.abstract_mesh):
+        with jax.sharding.use_abstract_mesh(self.cmesh.abstract_mesh), collecting() as claims:
             jax.eval_shape(smap(P(), trace_body) if manual else trace_body, *avals)
         closed, local_out = traced["jaxpr"], traced["shapes"]
+        self.claimed = self._apply_claims(claims, traced["inputs"], args, manual)
 
         # Decide the outputs' layouts and check them, from the program.
         self.jaxpr = closed  # the body as each device runs it (kept for inspection)
@@ -170,13 +173,51 @@ class Entry:
                 raise OtherShapes
             with jax.sharding.use_abstract_mesh(self.cmesh.abstract_mesh):
                 out = smap(restricted, replay)(*global_args) if manual else replay(*global_args)
-                return _pin_auto(out, layout.specs, self.cmesh, plan)
+                return _pin_auto(out, layout.specs, self.cmesh, plan, self.claimed)
 
         self._jitted = jax.jit(
             outer,
             in_shardings=self.in_shardings,
             donate_argnums=self.donate,
         )
+
+    def _apply_claims(
+        self, claims: list[Claim], inputs: list[Any], args: tuple[Any, ...], manual: frozenset[str]
+    ) -> frozenset[str]:
+        """Lays out dimension 0 of the claimed arguments along the claimed axis (see
+        `titanax.parallel.claims`), and of the leaves of the same name and shape in other
+        non-batch arguments (their optimizer moments: ``opt_state/0/mu/layers/w`` for a
+        claimed ``params/layers/w``). Returns the axes claimed."""
+        index = {id(x): k for k, x in enumerate(inputs)}
+        where = [(i, path) for i, a in enumerate(args) for path, _ in leaves_with_paths(a)]
+        shapes = [shape_of(x) for x in jax.tree.leaves(args)]
+        specs = _spec_leaves(self.in_specs)
+        axes = set()
+        for c in claims:
+            if c.axis in manual:  # the step already lays it out (a tensor_parallel layer)
+                continue
+            for leaf in c.leaves:
+                k = index.get(id(leaf))
+                if k is None or where[k][0] in self.batch:
+                    continue  # computed in the step, or a batch: nothing to lay out
+                path = where[k][1]
+                tail = path.split("/", 1)[1] if "/" in path else path
+                for j, (i, other) in enumerate(where):
+                    if i in self.batch or shapes[j] != shapes[k]:
+                        continue
+                    if j == k or other == tail or other.endswith("/" + tail):
+                        if c.axis not in spec_axes(specs[j]) and (
+                            not specs[j] or specs[j][0] is None
+                        ):
+                            specs[j] = P(c.axis, *tuple(specs[j])[1:])
+                            axes.add(c.axis)
+        if axes:
+            tree = jax.tree.structure(self.in_specs, is_leaf=_is_spec)
+            self.in_specs = jax.tree.unflatten(tree, specs)
+            self.in_shardings = jax.tree.map(
+                lambda s: NamedSharding(self.cmesh, s), self.in_specs, is_leaf=_is_spec
+            )
+        return frozenset(axes)
 
     def place(self, args: tuple[Any, ...]) -> tuple[Any, ...]:
         """Puts each argument on the mesh as the plan lays it out; placed arrays pass as they are."""
@@ -308,14 +349,16 @@ def _local(aval: jax.ShapeDtypeStruct, spec: PartitionSpec, mesh: Mesh) -> jax.S
     return jax.ShapeDtypeStruct(tuple(shape), aval.dtype)
 
 
-def _pin_auto(out: Any, out_specs: Any, mesh: Mesh, plan: Plan) -> Any:
+def _pin_auto(
+    out: Any, out_specs: Any, mesh: Mesh, plan: Plan, claimed: frozenset[str] = frozenset()
+) -> Any:
     """Pins output layouts along the global-view (``Auto``) axes.
 
     Outputs that take no argument's layout are left where XLA's propagation puts them
     along those axes (they are global arrays either way): pinning them replicated
     would add gathers the user never asked for.
     """
-    auto = frozenset(layer.axis for layer in plan.layers if not layer.manual)
+    auto = frozenset(layer.axis for layer in plan.layers if not layer.manual) | claimed
 
     def pin(x: Any, spec: PartitionSpec) -> Any:
         if not set(spec_axes(spec)) & auto:

@@ -220,13 +220,14 @@ class ParallelFunction:
 
     def lower(self, *args: Any) -> jax.stages.Lowered:
         """Lowers the program for these arguments (``jax.stages.Lowered``)."""
-        placed = self.place(*args)
-        return self._entry(args).jitted.lower(*placed)
+        jitted = self._entry(args).jitted  # first: tracing may lay out more inputs (claims)
+        return jitted.lower(*self.place(*args))
 
     def specs(self, *args: Any) -> tuple[Any, Any]:
         """The ``PartitionSpec`` trees of the inputs and outputs for these arguments."""
         entry = self._entry(args)
-        return entry.in_specs, entry.out_specs
+        out_specs = entry.out_specs  # first: tracing may lay out more inputs (claims)
+        return entry.in_specs, out_specs
 
     def explain(self, *args: Any) -> Report:
         """The layout of every input and output leaf, and the collectives the

@@ -21,6 +21,7 @@ from jax.sharding import AbstractMesh, AxisType, Mesh, PartitionSpec
 
 from titanax._util import shape_of
 from titanax.errors import ScheduleError
+from titanax.parallel.claims import claim
 from titanax.parallel.pipeline.executor import executor as _executor
 from titanax.parallel.pipeline.tables import Tables, compile_tables
 from titanax.parallel.plan import context_mesh
@@ -230,6 +231,11 @@ def pipeline(
                     return call(stage_params, x, targets, lp)
             return call(stage_params, x, targets, lp)
         # Inside a trace (a Titanax step, or the user's own jax.jit): no jit of our own.
+        if not ctx.empty and view._name_to_type[axis] != AxisType.Manual:
+            # In a Titanax step that leaves the axis Auto: lay the stage parameters (and
+            # their optimizer moments) out along it, one block of rows per device, rather
+            # than replicated and all-gathered every step (titanax.parallel.claims).
+            claim(axis, jax.tree.leaves(stage_params), by=f"pipeline(axis={axis!r})")
         concrete = view if isinstance(view, Mesh) else None
         call = program(view, concrete, stages, loss_of(has_lp), has_lp)
         try:

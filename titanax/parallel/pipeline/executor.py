@@ -188,18 +188,14 @@ def executor(
                 )
             out = o["out"]
             msg = _file(c["msg"], out, row["keep"])
-            for pairs, slot, busy in (
-                (tables.right, row["from_left"], row_all["from_left"]),
-                (tables.left, row["from_right"], row_all["from_right"]),
-            ):
-                if pairs:  # skipped on ticks where no device sends this way (same on all)
-                    got = jax.lax.cond(
-                        (busy >= 0).any(),
-                        lambda v, pairs=pairs: jax.lax.ppermute(v, axis, pairs),
-                        lambda v: v,
-                        out,
-                    )
-                    msg = _file(msg, got, slot)
+            # Both ppermutes run every tick, idle or not: under a per-tick lax.cond (to skip
+            # an idle one) XLA:CPU aborts in its collective rendezvous ("Check failed: id <
+            # num_threads", jaxlib 0.10.2: both permutes get channel_id=1), and the skip
+            # bought no measurable CPU time.
+            if tables.right:
+                msg = _file(msg, jax.lax.ppermute(out, axis, tables.right), row["from_left"])
+            if tables.left:
+                msg = _file(msg, jax.lax.ppermute(out, axis, tables.left), row["from_right"])
             return {**c, "msg": msg}, None
 
         carry = {
