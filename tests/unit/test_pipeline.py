@@ -176,6 +176,17 @@ def test_errors():
         tx.pipeline(stage, microbatches=8, loss=loss, axis="pp", mesh=mesh)(sp, x, t, lp)
     with pytest.raises(tx.ScheduleError, match="microbatches must be a positive int"):
         tx.pipeline(stage, microbatches=0, loss=loss)
+    pipe = tx.pipeline(stage, microbatches=8, loss=loss, mesh=mesh)
+    keyed = {**sp, "k": jax.random.split(jax.random.key(0), 4)}  # dropout keys, one per stage
+    with pytest.raises(tx.ScheduleError, match=r"stage_params\[k\] is a PRNG key array.*key_data"):
+        pipe(keyed, x, t, lp)
+    with pytest.raises(tx.ScheduleError, match=r"x\[mask\] of the activation is not floating"):
+        pipe(sp, {"h": x, "mask": jnp.ones(x.shape, jnp.int32)}, t, lp)
+    widen = tx.pipeline(
+        lambda p, h: stage(p, h).astype(jnp.float32), microbatches=8, loss=loss, mesh=mesh
+    )
+    with pytest.raises(tx.ScheduleError, match=r"takes x: bfloat16\[2, 6\] and returns x: float32"):
+        widen(sp, x.astype(jnp.bfloat16), t, lp)
 
 
 def _reference_step(sp, lp, x, t, m):

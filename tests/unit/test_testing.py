@@ -243,6 +243,8 @@ def test_schedules_are_valid(s):
     assert 1 <= s.stages <= 4 and 1 <= s.microbatches <= 8
     if s.name == "interleaved_1f1b":
         assert s.virtual_stages >= 2 and s.microbatches % s.stages == 0
+    elif s.name == "zero_bubble_v":
+        assert s.virtual_stages == 2 and s.placement == "v"
     else:
         assert s.virtual_stages == 1
 

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import AbstractMesh, AxisType, Mesh, PartitionSpec
 
-from titanax._util import shape_of
+from titanax._util import leaves_with_paths, shape_of
 from titanax.errors import ScheduleError
 from titanax.parallel.claims import claim
 from titanax.parallel.pipeline.executor import executor as _executor
@@ -55,7 +55,7 @@ def pipeline(
     averaging ``loss(loss_params, y, targets)`` over the microbatches.
 
     Stage ``s`` runs on device ``s % p`` of the ``axis`` (``p`` devices, each
-    holding ``virtual_stages`` stages). Activations travel forward and
+    holding ``virtual_stages`` stages; ZB-V: device ``d`` holds ``d`` and ``2p - 1 - d``). Activations travel forward and
     gradients backward with ``ppermute``; the schedule decides the order. Call
     ``pipe`` anywhere: at top level, or inside a ``data_parallel`` step (mesh
     ``data x stage``) where it sees the replica's batch, with tensor-parallel
@@ -63,14 +63,15 @@ def pipeline(
 
     Args:
       stages: the stage function.
-      schedule: ``"gpipe"``, ``"1f1b"``, ``"interleaved_1f1b"``, ``"zero_bubble"``,
-        or a `Schedule`.
+      schedule: ``"gpipe"``, ``"1f1b"``, ``"interleaved_1f1b"``, ``"zero_bubble"``
+        (ZB-H1), ``"zero_bubble_v"`` (ZB-V), or a `Schedule`.
       microbatches: microbatches per call.
       axis: the mesh axis the stages are spread over.
       loss: ``loss(loss_params, y, targets) -> scalar``, applied after the last stage.
       mesh: the mesh, when ``pipe`` is called outside a Titanax step; defaults
         to the one set with ``jax.set_mesh``.
-      virtual_stages: stages per device (``interleaved_1f1b`` needs 2 or more).
+      virtual_stages: stages per device (``interleaved_1f1b`` needs 2 or more,
+        ``zero_bubble_v`` exactly 2).
       remat: keep only each stage's input per microbatch in flight and recompute
         its forward in the backward pass, instead of keeping its residuals.
 
@@ -188,6 +189,8 @@ def pipeline(
         """Outside any trace: one ``jax.jit`` per mesh (repeated calls reuse it)."""
         return jax.jit(program(view, None, stages, loss_of(has_loss_params), has_loss_params))
 
+    checked: set[Any] = set()
+
     def pipe(stage_params: Any, x: Any, targets: Any, loss_params: Any = None) -> Any:
         args = (stage_params, x, targets, loss_params)
         traced = any(isinstance(a, jax.core.Tracer) for a in jax.tree.leaves(args))
@@ -221,6 +224,13 @@ def pipeline(
                 f"targets have leading dimensions {sorted(batch)}. Use a batch that is a "
                 f"multiple of {microbatches}, or another number of microbatches."
             )
+        signature = jax.tree.map(
+            lambda a: (shape_of(a), str(jnp.result_type(a))), (stage_params, x, loss_params)
+        )
+        key = (jax.tree.structure(signature), tuple(jax.tree.leaves(signature)))
+        if key not in checked:  # once per structure: it traces the stage
+            _check_leaves(stages, stage_params, x, loss_params, microbatches, axis)
+            checked.add(key)
         has_lp = loss_params is not None
         lp = {} if loss_params is None else loss_params
         if not traced:
@@ -257,6 +267,63 @@ def pipeline(
             ) from e
 
     return pipe
+
+
+def _check_leaves(
+    stages: Callable[[Any, Any], Any],
+    stage_params: Any,
+    x: Any,
+    loss_params: Any,
+    m: int,
+    axis: str,
+) -> None:
+    """Raises a `ScheduleError` for leaves the pipeline cannot carry or differentiate."""
+    where = f"pipeline(axis={axis!r})"
+    keys = [
+        f"{name}[{path}]" if path else name
+        for name, tree in (("stage_params", stage_params), ("x", x), ("loss_params", loss_params))
+        for path, a in leaves_with_paths(tree)
+        if jax.dtypes.issubdtype(jnp.result_type(a), jax.dtypes.prng_key)
+    ]
+    if keys:
+        raise ScheduleError(
+            f"{where}: {', '.join(keys)} "
+            f"{'is a PRNG key array' if len(keys) == 1 else 'are PRNG key arrays'}, which the "
+            "pipeline cannot pass between stages or differentiate. Pass "
+            "jax.random.key_data(key) (uint32) instead and rebuild the key inside the stage "
+            "with jax.random.wrap_key_data."
+        )
+    ints = [
+        f"x[{path}]" if path else "x"
+        for path, a in leaves_with_paths(x)
+        if not jnp.issubdtype(jnp.result_type(a), jnp.inexact)
+    ]
+    if ints:
+        raise ScheduleError(
+            f"{where}: {', '.join(ints)} of the activation {'is' if len(ints) == 1 else 'are'} "
+            "not floating point; the pipeline sends activations forward and their gradients "
+            "back. Carry integer data (masks, positions) in stage_params or compute it "
+            "inside the stage."
+        )
+    row = jax.tree.map(
+        lambda a: jax.ShapeDtypeStruct(shape_of(a)[1:], jnp.result_type(a)), stage_params
+    )
+    x_mb = jax.tree.map(
+        lambda a: jax.ShapeDtypeStruct((shape_of(a)[0] // m, *shape_of(a)[1:]), jnp.result_type(a)),
+        x,
+    )
+    y = jax.eval_shape(stages, row, x_mb)
+    want = [(p, a.shape, a.dtype) for p, a in leaves_with_paths(x_mb)]
+    got = [(p, a.shape, a.dtype) for p, a in leaves_with_paths(y)]
+    same: bool = jax.tree.structure(y) == jax.tree.structure(x_mb)  # type: ignore[operator]
+    if not same or got != want:
+        show = lambda t: ", ".join(f"{p or 'x'}: {d}{list(s)}" for p, s, d in t)  # noqa: E731
+        raise ScheduleError(
+            f"{where}: each stage must return an activation of the structure, shapes and "
+            f"dtypes it takes (the next stage takes it); for a microbatch it takes "
+            f"{show(want)} and returns {show(got)}. Cast inside the stage (e.g. return "
+            "y.astype(x.dtype)), or move the change of shape into the loss."
+        )
 
 
 def _stage_at(s: Schedule, chunk: int, device: int) -> int:
