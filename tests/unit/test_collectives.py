@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 import titanax as tx
+from titanax.parallel.hlo import collectives
 
 
 @pytest.fixture(scope="module")
@@ -128,3 +129,55 @@ def test_size_one_axes_under_dp_x_tp_match_jax():
     )(x)
     for a, b in zip(ours, theirs):
         np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16, jnp.float32])
+def test_reductions_of_every_dtype_under_dp_x_tp(dtype):
+    # A partly manual program (data manual, model Auto). XLA:CPU aborts the process on a
+    # bfloat16 all-reduce or reduce-scatter there (AllReducePromotion, "Invalid binary
+    # instruction opcode copy"): the guarded collectives reduce bfloat16 in float32 on CPU.
+    from jax.sharding import PartitionSpec as P
+
+    mesh = tx.mesh(data=2, model=4)
+    x = (jnp.arange(2 * 4 * 8, dtype=jnp.float32).reshape(2, 4, 8) / 7.0).astype(dtype)
+
+    def body(w, x):  # w: laid out along model, so the program is partly manual
+        x = x[0] + jnp.zeros_like(w[:1, :1])  # (4, 8): this replica's row
+        return (
+            tx.psum(x, "data")[None],
+            tx.pmean(x, "data")[None],
+            tx.pmax(x, "data")[None],
+            tx.all_gather(tx.psum_scatter(x, "data", tiled=True), "data", tiled=True)[None],
+            tx.all_gather(x, "data")[None],
+            tx.all_gather(tx.ppermute(x, "data", [(0, 1), (1, 0)]), "data")[None],
+        )
+
+    step = tx.data_parallel(
+        tx.tensor_parallel(tx.Rules((".*", P(None, "model"))), batch_argnums=(1,))(body),
+        mesh=mesh,
+        batch_argnums=(1,),
+        donate=False,
+    )
+    psum, pmean, pmax, scattered, gathered, permuted = step(jnp.zeros((8, 8), dtype), x)
+    wide = np.asarray(x, np.float32)
+    tol = {"rtol": 1e-2} if dtype != jnp.float32 else {"rtol": 1e-6}
+    for out in (psum, pmean, pmax, scattered, gathered, permuted):
+        assert out.dtype == dtype
+    np.testing.assert_allclose(np.asarray(psum[0], np.float32), wide.sum(0), **tol)
+    np.testing.assert_allclose(np.asarray(pmean[0], np.float32), wide.mean(0), **tol)
+    np.testing.assert_array_equal(np.asarray(pmax[0], np.float32), wide.max(0))
+    np.testing.assert_allclose(np.asarray(scattered[0], np.float32), wide.sum(0), **tol)
+    np.testing.assert_array_equal(np.asarray(gathered[0], np.float32), wide)
+    np.testing.assert_array_equal(np.asarray(permuted[0], np.float32), wide[::-1])
+    if dtype == jnp.bfloat16:  # summed in float32 and rounded once
+        exact = wide.sum(0).astype(jnp.bfloat16)
+        np.testing.assert_array_equal(np.asarray(psum[0]), exact)
+
+
+def test_bf16_reductions_stay_bf16_where_xla_can_take_them():
+    # Fully manual (data=8): no float32 detour, the all-reduce moves bfloat16 bytes.
+    mesh = tx.mesh(data=8)
+    step = tx.data_parallel(lambda x: tx.psum(x, "data"), mesh=mesh, donate=False)
+    hlo = step.lower(jnp.ones((8, 16), jnp.bfloat16)).as_text(dialect="hlo")
+    found = collectives(hlo, mesh)  # the lowered program, before XLA:CPU promotes it
+    assert [(c.kind, c.shapes) for c in found] == [("all-reduce", ("bf16[1,16]",))]

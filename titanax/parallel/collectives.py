@@ -128,25 +128,64 @@ def _check(fn: str, axis_name: AxisName) -> bool:
     return trivial
 
 
+def reduces_bf16_in_f32() -> bool:
+    """Whether a bfloat16 reduction traced here must run in float32 (internal).
+
+    XLA:CPU aborts the process (``F hlo_instruction.cc] Invalid binary instruction
+    opcode copy``, in ``AllReducePromotion`` -> ``ChangeOpDataType`` ->
+    ``CloneAllReduce``; jaxlib 0.10.2) when it compiles a bfloat16 all-reduce or
+    reduce-scatter of a *partly* manual program: a ``shard_map`` whose mesh keeps
+    some axes Auto, as DP x TP, ZeRO x TP or the pipeline on ``stage x data`` do.
+    Fully manual programs and float16 are not affected. That pass exists to
+    reduce bf16 in float32 on CPU anyway, so reducing in float32 ourselves there
+    computes what XLA:CPU would, and other backends keep their bfloat16
+    collectives (half the bytes).
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or mesh.abstract_device is None or mesh.abstract_device.platform != "cpu":
+        return False
+    manual = jax.sharding.AxisType.Manual
+    return any(t != manual for t in mesh.axis_types)
+
+
+def _reduce(op: Any, x: Any, *args: Any, **kwargs: Any) -> Any:
+    """``op(x, ...)`` leaf by leaf; bfloat16 leaves in float32 where XLA:CPU needs it."""
+    if not any(jnp.result_type(v) == jnp.bfloat16 for v in jax.tree.leaves(x)):
+        return op(x, *args, **kwargs)
+    if not reduces_bf16_in_f32():
+        return op(x, *args, **kwargs)
+
+    def one(v: Any) -> Any:
+        if jnp.result_type(v) != jnp.bfloat16:
+            return op(v, *args, **kwargs)
+        return op(jnp.asarray(v, jnp.float32), *args, **kwargs).astype(jnp.bfloat16)
+
+    return jax.tree.map(one, x)
+
+
 def psum(x: Any, axis_name: AxisName) -> Any:
-    """Sum of ``x`` over ``axis_name``; as `jax.lax.psum`."""
+    """Sum of ``x`` over ``axis_name``; as `jax.lax.psum`.
+
+    On CPU, bfloat16 leaves of a partly manual program are summed in float32
+    and rounded back once (XLA:CPU aborts on bf16 there; see `reduces_bf16_in_f32`).
+    """
     if _check("psum", axis_name):
         return x
-    return jax.lax.psum(x, axis_name)
+    return _reduce(jax.lax.psum, x, axis_name)
 
 
 def pmean(x: Any, axis_name: AxisName) -> Any:
-    """Mean of ``x`` over ``axis_name``; as `jax.lax.pmean`."""
+    """Mean of ``x`` over ``axis_name``; as `jax.lax.pmean` (bfloat16 on CPU: as `psum`)."""
     if _check("pmean", axis_name):
         return x
-    return jax.lax.pmean(x, axis_name)
+    return _reduce(jax.lax.pmean, x, axis_name)
 
 
 def pmax(x: Any, axis_name: AxisName) -> Any:
-    """Maximum of ``x`` over ``axis_name``; as `jax.lax.pmax`."""
+    """Maximum of ``x`` over ``axis_name``; as `jax.lax.pmax` (bfloat16 on CPU: as `psum`)."""
     if _check("pmax", axis_name):
         return x
-    return jax.lax.pmax(x, axis_name)
+    return _reduce(jax.lax.pmax, x, axis_name)
 
 
 def all_gather(x: Any, axis_name: AxisName, *, axis: int = 0, tiled: bool = False) -> Any:
@@ -159,10 +198,15 @@ def all_gather(x: Any, axis_name: AxisName, *, axis: int = 0, tiled: bool = Fals
 def psum_scatter(
     x: Any, axis_name: AxisName, *, scatter_dimension: int = 0, tiled: bool = False
 ) -> Any:
-    """Sums ``x`` over ``axis_name`` and keeps this member's slice; as `jax.lax.psum_scatter`."""
+    """Sums ``x`` over ``axis_name`` and keeps this member's slice; as `jax.lax.psum_scatter`.
+
+    bfloat16 on CPU: as `psum`.
+    """
     if _check("psum_scatter", axis_name):
         return x if tiled else jnp.squeeze(x, scatter_dimension)
-    return jax.lax.psum_scatter(x, axis_name, scatter_dimension=scatter_dimension, tiled=tiled)
+    return _reduce(
+        jax.lax.psum_scatter, x, axis_name, scatter_dimension=scatter_dimension, tiled=tiled
+    )
 
 
 def ppermute(x: Any, axis_name: AxisName, perm: Sequence[tuple[int, int]]) -> Any:
