@@ -19,9 +19,8 @@ import titanax as tx
 MB = 2**20
 
 
-def make_state(mesh):
-    """About 200 MB: kernels sharded over 'model', the rest replicated."""
-    n = 1024
+def make_state(mesh, n=1024):
+    """About 200 MB (n=1024): kernels sharded over 'model', the rest replicated."""
     tree = {
         f"layer{i}": {"kernel": jnp.full((n, 6 * n), float(i)), "bias": jnp.zeros(6 * n)}
         for i in range(8)
@@ -115,3 +114,54 @@ def measure():
 
 def test_throughput_and_async_share():
     measure()
+
+
+def _clock(t0):
+    return time.perf_counter() - t0
+
+
+def measure_checksums(sizes=(128, 1024), rounds=5):
+    """What the per-leaf checksums cost: computing them (part of every save), and a restore
+    that verifies them against one that does not (``verify=False``), on ``data=4 x model=2``.
+
+    Returns one dict per state size: MiB, median seconds of a synchronous save, of the
+    checksums alone, of a verified restore and of an unverified one.
+    """
+    from titanax.checkpoint.checksum import checksums
+
+    mesh = tx.mesh(data=4, model=2)
+    rows = []
+    for n in sizes:
+        state = make_state(mesh, n)
+        leaves = jax.tree.leaves(state)
+        size = sum(a.nbytes for a in leaves) / MB
+        times = {"save": [], "checksums": [], "verified": [], "unverified": []}
+        d = tempfile.mkdtemp()
+        with tx.checkpoint.Manager(d, max_to_keep=2, async_save=False) as mngr:
+            mngr.save(0, state)  # compiles the checksums of this layout
+            for r in range(1, rounds + 1):
+                t0 = time.perf_counter()
+                mngr.save(r, state)
+                times["save"].append(_clock(t0))
+                t0 = time.perf_counter()
+                checksums(leaves)
+                times["checksums"].append(_clock(t0))
+                pair = [(True, "verified"), (False, "unverified")]
+                for verify, name in pair if r % 2 else pair[::-1]:
+                    t0 = time.perf_counter()
+                    jax.block_until_ready(mngr.restore(r, like=state, verify=verify))
+                    times[name].append(_clock(t0))
+        shutil.rmtree(d)
+        row = {"mib": size, **{k: statistics.median(v) for k, v in times.items()}}
+        rows.append(row)
+        print(
+            f"\nstate {size:.1f} MiB on data=4 x model=2, median of {rounds}: save "
+            f"{row['save']:.3f} s (checksums {row['checksums']:.3f} s); restore "
+            f"{row['verified']:.3f} s verified, {row['unverified']:.3f} s with verify=False "
+            f"(+{row['verified'] / row['unverified'] - 1:.0%})"
+        )
+    return rows
+
+
+def test_checksum_cost():
+    measure_checksums()
