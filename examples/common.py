@@ -49,6 +49,23 @@ def say(*args: Any) -> None:
         print(*args, flush=True)
 
 
+def command(main: Callable[[list[str] | None], Any]) -> None:
+    """Runs an example's ``main`` on ``sys.argv``, as ``python train.py ...`` does.
+
+    ``--help`` and mistakes in the arguments are ``from_argv``'s (exit codes 0 and 2);
+    a Titanax error from the settings' values (a mesh that does not fit the devices,
+    an unknown schedule) prints one line to stderr and exits with code 1: no traceback.
+    """
+    from titanax.errors import ConfigError, TitanaxError
+
+    try:
+        main(None)
+    except TitanaxError as e:
+        prog = os.path.basename(sys.argv[0])
+        print(f"{prog}: {type(e).__name__}: {' '.join(str(e).split())}", file=sys.stderr)
+        raise SystemExit(2 if isinstance(e, ConfigError) else 1) from None
+
+
 class Checkpoints:
     """Saves every ``every`` steps (and at the end) into ``directory``; resumes from its newest.
 

@@ -20,11 +20,28 @@ for var in (
 SMALL_GPT = ["--layers", "1", "--d-model", "64", "--seq-len", "32", "--batch-size", "8"]
 
 
+def compilation_cache():
+    """The test process's persistent compilation cache (conftest.py), as environment
+    variables: a single-process run then loads a program that the tests or an earlier run
+    compiled, as the test process does, instead of compiling it again (seconds each). The
+    `titanax launch` runs below compile afresh."""
+    import jax
+
+    cache = jax.config.jax_compilation_cache_dir
+    if not cache:
+        return {}
+    return {
+        "JAX_COMPILATION_CACHE_DIR": cache,
+        "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+        "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",
+    }
+
+
 def run(script, *args, timeout=600):
     """``python SCRIPT ARGS`` from the repository root; fails the test unless it exits 0."""
     done = subprocess.run(
         [sys.executable, os.path.join(ROOT, script), *args],
-        env=ENV,
+        env={**ENV, **compilation_cache()},
         capture_output=True,
         text=True,
         timeout=timeout,

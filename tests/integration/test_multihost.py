@@ -29,17 +29,37 @@ def titanax_launch(*args, timeout=300):
     return subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
 
 
-def test_mnist_on_2_processes_equals_1_process(tmp_path):
+@pytest.fixture(scope="module")
+def mnist_runs(tmp_path_factory):
+    """The MNIST example, 20 steps, launched on 2 processes and run in 1, each writing its
+    losses and its final checkpoint: the two tests below read them (one launch, not two)."""
+    tmp = tmp_path_factory.mktemp("mnist")
+
+    def args(name):
+        out = ["--metrics", str(tmp / f"{name}.jsonl"), "--checkpoint-dir", str(tmp / name)]
+        return ["examples/mnist_dp/train.py", "--steps", "20", *out]
+
     # No --devices-per-process: the example gives each process half of its 8 devices.
-    metrics = str(tmp_path / "two.jsonl")
-    done = titanax_launch(
-        "--nproc", "2", "examples/mnist_dp/train.py", "--steps", "20", "--metrics", metrics
-    )
+    done = titanax_launch("--nproc", "2", *args("two"))
+    if done.returncode == 0:
+        run(*args("one"))
+    return tmp, done
+
+
+def test_mnist_on_2_processes_equals_1_process(mnist_runs):
+    tmp, done = mnist_runs
     assert done.returncode == 0, done.stdout[-3000:]
-    assert "[1] " in done.stdout and "[0] final loss" in done.stdout
-    assert "[1] final loss" not in done.stdout  # reported once, by process 0
-    run("examples/mnist_dp/train.py", "--steps", "20", "--metrics", str(tmp_path / "one.jsonl"))
-    two, one = losses(tmp_path / "two.jsonl"), losses(tmp_path / "one.jsonl")
+    assert "[launch] rank 1: pid " in done.stdout and "[0] final loss" in done.stdout
+    assert "[1] " not in done.stdout  # reported once, by process 0 (and no gloo lines)
+    # What reaches the screen: no gloo connection messages (16 lines before), and the bar
+    # of process 0 only, as lines: its first state, one every 30 s, and its last (before:
+    # each redraw a line, 60 for the example's 300 steps).
+    assert "Gloo" not in done.stdout and "peer ranks" not in done.stdout
+    bars = [line for line in done.stdout.splitlines() if "train:" in line]
+    assert all(line.startswith("[0] train: ") for line in bars), bars
+    minutes, seconds = re.search(r"\[(\d+):(\d+)<", bars[-1]).groups()
+    assert "20/20" in bars[-1] and 2 <= len(bars) <= 2 + (60 * int(minutes) + int(seconds)) // 30
+    two, one = losses(tmp / "two.jsonl"), losses(tmp / "one.jsonl")
     assert len(two) == len(one) == 20
     assert np.max(np.abs(np.subtract(two, one))) < 1e-5
 
@@ -56,21 +76,19 @@ def test_dp_x_tp_on_2_processes_equals_1_process(tmp_path, zero):
     assert len(two) == 4 and np.max(np.abs(np.subtract(two, one))) < 1e-5
 
 
-def test_checkpoint_from_2_processes_restores_in_1_on_another_mesh(tmp_path):
-    ck = tmp_path / "ck"
-    done = launch(2, "examples/mnist_dp/train.py", "--steps", "10", "--checkpoint-dir", str(ck))
+def test_checkpoint_from_2_processes_restores_in_1_on_another_mesh(mnist_runs):
+    tmp, done = mnist_runs
     assert done.returncode == 0, done.stdout[-3000:]
-    run("examples/mnist_dp/train.py", "--steps", "10", "--checkpoint-dir", str(tmp_path / "one"))
-    mngr = tx.checkpoint.Manager(ck)
+    mngr = tx.checkpoint.Manager(tmp / "two")
     assert mngr.metadata()["process_count"] == 2
     params = mnist.init_params(jax.random.key(0), (64, 128, 128, 10))
     state = tx.TrainState.create(params, optax.adam(1e-3))
     mesh = tx.mesh(devices=jax.devices()[:4], data=2, model=2)  # another mesh, one process
     like = jax.device_put(state, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
     restored = mngr.restore(like=like)
-    assert int(restored.step) == 10
+    assert int(restored.step) == 20
     one_device = mngr.restore(like=jax.device_put(state, jax.devices()[0]))
-    reference = tx.checkpoint.Manager(tmp_path / "one").restore(like=like)
+    reference = tx.checkpoint.Manager(tmp / "one").restore(like=like)
     for a, b, c in zip(*map(jax.tree.leaves, (restored, one_device, reference))):
         assert a.sharding == like.params["dense0"]["kernel"].sharding
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))  # both meshes: same bits

@@ -22,6 +22,7 @@ Environment (what ``titanax launch`` sets for each process):
 
 from __future__ import annotations
 
+import errno
 import os
 import socket
 import time
@@ -29,6 +30,7 @@ from typing import Any
 
 import jax
 
+from titanax.distributed import progress
 from titanax.distributed.agreement import (  # noqa: F401 (_describe: for tests)
     _describe,
     _settings,
@@ -133,6 +135,7 @@ def initialize(
       >>> tx.distributed.initialize()   # one process, no environment: nothing to do
       False
     """
+    progress.report_to_launcher()  # under `titanax launch`: steps done, and the script's end
     coordinator = coordinator or os.environ.get(ENV_COORDINATOR)
     num_processes = num_processes if num_processes is not None else _int_env(ENV_NUM_PROCESSES)
     process_id = process_id if process_id is not None else _int_env(ENV_PROCESS_ID)
@@ -187,7 +190,9 @@ def _preflight(coordinator: str, num_processes: int, process_id: int, timeout_s:
 
     JAX's runtime ends a process that cannot join (a fatal abort in C++); this
     handshake on the next port (``coordinator port + 1``) turns the usual
-    start-up mistakes into a `DistributedError` that can be read and caught.
+    start-up mistakes into a `DistributedError` that can be read and caught. Process 0
+    also checks that it can listen on both ports: JAX's coordinator crashes the process
+    (SIGSEGV, measured on jax 0.10.2) when its port is taken.
     """
     host, _, port_text = coordinator.rpartition(":")
     seen = f"coordinator={coordinator!r}, num_processes={num_processes}, process_id={process_id}"
@@ -230,7 +235,23 @@ def _gather(port: int, num_processes: int, deadline: float, seen: str, timeout_s
     """Process 0's side of the start-up check: wait for every other process, then answer."""
     joined: dict[int, socket.socket] = {}
     problems = []
-    with socket.create_server(("", port), reuse_port=False) as server:
+    if taken := port_taken(port - 1):
+        # Tell the processes that come within a few seconds; the others time out.
+        deadline = min(deadline, time.monotonic() + 5)
+        problems.append(
+            f"process 0 cannot listen on the coordinator port {port - 1} ({taken}): another "
+            "program (or an earlier job that is still running) holds it. Choose another "
+            "coordinator port, with the next one free too"
+        )
+    try:
+        server = socket.create_server(("", port), reuse_port=False)
+    except OSError as e:
+        raise DistributedError(
+            f"tx.distributed.initialize ({seen}): process 0 cannot listen on port {port} for "
+            f"Titanax's start-up check ({port_taken(port) or e}). Titanax uses the coordinator "
+            "port and the next one: choose a coordinator port whose next port is free too."
+        ) from None
+    with server:
         while len(joined) < num_processes - 1 and time.monotonic() < deadline:
             server.settimeout(max(deadline - time.monotonic(), 0.01))
             try:
@@ -261,6 +282,30 @@ def _gather(port: int, num_processes: int, deadline: float, seen: str, timeout_s
                     pass
     if problems:
         raise DistributedError(f"tx.distributed.initialize ({seen}): " + "; ".join(problems) + ".")
+
+
+def port_taken(port: int) -> str | None:
+    """Why nothing could listen on ``port`` now (on every address, as JAX's coordinator
+    does), e.g. ``'[Errno 98] Address already in use'``; ``None`` when the port is free."""
+    for family, address in ((socket.AF_INET6, "::"), (socket.AF_INET, "0.0.0.0")):
+        try:
+            probe = socket.socket(family, socket.SOCK_STREAM)
+        except OSError:  # no IPv6 on this machine: IPv4 alone
+            continue
+        with probe:
+            if family == socket.AF_INET6:
+                probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)  # IPv4 too
+            probe.setsockopt(
+                socket.SOL_SOCKET, socket.SO_REUSEADDR, 1
+            )  # as gRPC: TIME_WAIT is fine
+            try:
+                probe.bind((address, port))
+            except OSError as e:
+                if e.errno in (errno.EADDRNOTAVAIL, errno.EAFNOSUPPORT):  # IPv6 turned off
+                    continue
+                return str(e)
+        return None
+    return None
 
 
 def process_index() -> int:

@@ -18,7 +18,9 @@ def main() -> None:
     """Titanax: explicit parallelism for JAX."""
 
 
-@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+# Options end at SCRIPT: everything after it is the script's own (`--steps 20`), even a
+# name titanax launch also has; an unknown option before it is an error, not an argument.
+@app.command(context_settings={"allow_extra_args": True, "allow_interspersed_args": False})
 def launch(
     ctx: typer.Context,
     script: Annotated[str, typer.Argument(help="the Python script every process runs")],
@@ -32,22 +34,54 @@ def launch(
             "mesh must hold an equal share of every process's devices)",
         ),
     ] = None,
-    port: Annotated[int | None, typer.Option(help="coordinator port (default: a free one)")] = None,
+    port: Annotated[
+        int | None,
+        typer.Option(help="coordinator port P; P + 1 is used too (default: a free pair)"),
+    ] = None,
     grace: Annotated[float, typer.Option(help="seconds between SIGTERM and SIGKILL")] = 10.0,
+    exit_timeout: Annotated[
+        float,
+        typer.Option(
+            help="once a process has ended, seconds the others may run on before the job is "
+            "stopped (one that finished early leaves the others waiting in a collective)"
+        ),
+    ] = 45.0,
+    hang_timeout: Annotated[
+        float,
+        typer.Option(
+            help="stop the job when a process completes no Titanax step for this many seconds, "
+            "counted from the first step any process completes (0: never)"
+        ),
+    ] = 600.0,
+    all_progress: Annotated[
+        bool,
+        typer.Option(help="show every process's progress bars (default: process 0's only)"),
+    ] = False,
 ) -> None:
     """Run SCRIPT [ARGS...] as NPROC processes on 127.0.0.1, joined by JAX's runtime.
 
-    Output lines are prefixed with the rank. If one process fails, the others are
-    stopped; the exit code is the first failure's.
+    Output lines are prefixed with the rank (JAX's gloo connection messages are left
+    out). If one process fails, the others are stopped at once; the exit code is the first
+    failure's. A signal to the launcher, a process that ends while the others still run
+    (--exit-timeout) and a process that stops making progress (--hang-timeout) stop the
+    whole job too: no process is left behind.
     """
-    code = _launch(
-        script,
-        list(ctx.args),
-        nproc=nproc,
-        devices_per_process=devices_per_process,
-        port=port,
-        grace_s=grace,
-    )
+    from titanax.errors import TitanaxError
+
+    try:
+        code = _launch(
+            script,
+            list(ctx.args),
+            nproc=nproc,
+            devices_per_process=devices_per_process,
+            port=port,
+            grace_s=grace,
+            exit_timeout_s=exit_timeout,
+            hang_timeout_s=hang_timeout or None,
+            all_progress=all_progress,
+        )
+    except TitanaxError as e:
+        _fail(e)
     raise typer.Exit(code)
 
 
@@ -80,7 +114,7 @@ def schedule(
     png: Annotated[str | None, typer.Option(help="also draw the timeline to this PNG")] = None,
 ) -> None:
     """Print a pipeline schedule's timeline and its bubble and memory figures."""
-    from titanax.errors import TitanaxError
+    from titanax.errors import ScheduleError, TitanaxError
     from titanax.parallel import schedules
 
     try:
@@ -106,7 +140,17 @@ def schedule(
         f"{s.lockstep_bubble_fraction:.3f}\n{held} held per device {s.peak_in_flight}"
     )
     if png:
-        s.render_png(png)
+        try:
+            s.render_png(png)
+        except ImportError as e:
+            _fail(
+                ScheduleError(
+                    f"--png {png}: drawing the timeline needs matplotlib, which is not installed "
+                    f"({e}). Install it (pip install matplotlib), or leave --png out."
+                )
+            )
+        except OSError as e:
+            _fail(ScheduleError(f"--png {png}: the file could not be written ({e})."))
         typer.echo(f"timeline drawn to {png}")
 
 
@@ -122,18 +166,10 @@ def mesh(
     import numpy as np
 
     import titanax as tx
+    from titanax.mesh import parse_axes
 
-    sizes = {}
-    for item in axes:
-        key, sep, value = item.partition("=")
-        if not sep:
-            _fail(ValueError(f"axis {item!r} must look like name=size, e.g. data=2"))
-        try:
-            sizes[key] = int(value)
-        except ValueError:
-            _fail(ValueError(f"axis {item!r}: the size must be an integer"))
-    try:
-        m = tx.mesh(None, **sizes)
+    try:  # name=size items (or data=2,model=4); an axis given twice is an error
+        m = tx.mesh(None, **parse_axes([a for item in axes for a in item.split(",") if a]))
     except tx.TitanaxError as e:
         _fail(e)
     names = m.axis_names
