@@ -172,3 +172,30 @@ def test_several_batch_arguments_and_a_plain_scalar():
 
     x, y = np.arange(8.0), np.arange(8.0)[::-1].copy()
     assert float(f(2.0, x, y)) == pytest.approx(2 * float(np.dot(x, y)))
+
+
+@pytest.mark.parametrize("batch_kind", ["numpy", "jnp"])
+@pytest.mark.parametrize("zero", [False, True])
+def test_a_training_loop_compiles_its_step_once(caplog, zero, batch_kind):
+    # The first call placed the batch itself (typed with the mesh) and every later call
+    # let jit place it (untyped): the second call compiled the whole step again.
+    mesh = tx.mesh(data=8)
+    wrap = tx.fully_sharded(mesh=mesh, min_size=8) if zero else tx.data_parallel(mesh=mesh)
+
+    @wrap
+    def step(state, batch):
+        x, y = batch
+        params = tx.gather_params(state.params, "data") if zero else state.params
+        loss, g = jax.value_and_grad(lambda p: jnp.mean((x @ p["w"] - y) ** 2))(params)
+        g = tx.scatter_grads(g, "data") if zero else tx.pmean(g, "data")
+        return state.apply_gradients(g), tx.pmean(loss, "data")
+
+    state = tx.TrainState.create({"w": np.ones((8, 2), np.float32)}, optax.adam(1e-2))
+    rng = np.random.default_rng(0)
+    to = np.asarray if batch_kind == "numpy" else jnp.asarray
+    with jax.log_compiles(), caplog.at_level("WARNING"):
+        for _ in range(3):
+            x = rng.normal(size=(16, 8)).astype(np.float32)
+            state, _ = step(state, (to(x), to(np.ones((16, 2), np.float32))))
+    compiled = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Compiling")]
+    assert len([m for m in compiled if "outer" in m]) == 1, compiled

@@ -74,6 +74,17 @@ def test_deleted_leaf_is_named_by_its_path(mesh):
         step(params, data())
 
 
+def test_a_donated_state_passed_again_after_warm_calls_is_an_error_not_a_crash(mesh):
+    # Once the step's fast path is warm, a donated array used to reach the executable,
+    # and jaxlib 0.10.2 crashed the process (SIGSEGV) after "Buffer has been deleted".
+    step = tx.data_parallel(sgd_step, mesh=mesh)
+    old = step({"enc": jnp.ones(4), "dec": jnp.zeros(4)}, data())
+    new = step(old, data())  # the fast path, donating `old`
+    new = step(new, data())
+    with pytest.raises(tx.PlanError, match=r"argument 0 \(params\) \[dec\]"):
+        step(old, data())
+
+
 def test_arguments_no_output_replaces_are_never_donated(mesh):
     @tx.data_parallel(mesh=mesh)
     def step(params, frozen, batch):  # frozen has the same structure as params

@@ -219,16 +219,30 @@ class Entry:
             )
         return frozenset(axes)
 
-    def place(self, args: tuple[Any, ...]) -> tuple[Any, ...]:
-        """Puts each argument on the mesh as the plan lays it out; placed arrays pass as they are."""
+    def place(self, args: tuple[Any, ...], *, for_jit: bool = False) -> tuple[Any, ...]:
+        """Puts each argument on the mesh as the plan lays it out; placed arrays pass as they are.
+
+        ``for_jit``: leave one process's host batches to the jitted call (see `_put`).
+        """
         placed = []
         for i, (arg, shardings) in enumerate(zip(args, self.in_shardings)):
-            batch = i in self.batch
-            placed.append(jax.tree.map(lambda x, s, b=batch: self._put(x, s, b), arg, shardings))
+            lazy = for_jit and i in self.batch
+            placed.append(
+                jax.tree.map(
+                    lambda x, s, b=i in self.batch, z=lazy: self._put(x, s, b, z), arg, shardings
+                )
+            )
         return tuple(placed)
 
-    def _put(self, x: Any, sharding: NamedSharding, batch: bool) -> jax.Array:
+    def _put(self, x: Any, sharding: NamedSharding, batch: bool, lazy: bool = False) -> Any:
         if isinstance(x, jax.Array) and _same_layout(x.sharding, sharding, x.ndim):
+            return x
+        if lazy and not self.multiprocess and _uncommitted(x):
+            # Host batches (and uncommitted device arrays) go to jit as they are, on the
+            # first call as on every later one (the fast path of ParallelFunction): jit
+            # places them by its in_shardings. Placed here, they would reach jit typed
+            # with the mesh (f32[16,4]({Auto: ('data',)})) and later batches untyped
+            # (f32[16,4]({})), and the second call would compile the whole step again.
             return x
         if self.multiprocess and batch and not isinstance(x, jax.Array):
             return jax.make_array_from_process_local_data(sharding, np.asarray(x))
@@ -306,6 +320,13 @@ class Entry:
             else arg
             for i, arg in enumerate(out)
         )
+
+
+def _uncommitted(x: Any) -> bool:
+    """A host array, or a device array that jit may move (``jnp.asarray``, not ``device_put``)."""
+    if isinstance(x, jax.Array):
+        return not x.committed
+    return isinstance(x, np.ndarray | np.generic)
 
 
 def _same_layout(have: Any, want: NamedSharding, ndim: int) -> bool:

@@ -13,6 +13,7 @@ import jax
 from jax.sharding import PartitionSpec
 
 from titanax._util import Report, leaves_with_paths, shape_of
+from titanax.distributed.progress import COUNTER as _PROGRESS
 from titanax.errors import DistributedError, PlanError
 from titanax.parallel import hlo
 from titanax.parallel.collectives import bound_axes
@@ -166,6 +167,15 @@ class ParallelFunction:
             )
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        # Progress, for `titanax launch --hang-timeout`: calls begun and ended (two integer
+        # increments and a frame, about 0.1 us; no device sync).
+        _PROGRESS.begun += 1
+        try:
+            return self._call(args, kwargs)
+        finally:
+            _PROGRESS.ended += 1
+
+    def _call(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         if kwargs:
             args = self._bind(args, kwargs)
         leaves, treedef = jax.tree.flatten(args)
@@ -182,6 +192,9 @@ class ParallelFunction:
             and not entry.multiprocess
             and len(ids) == len(leaves)
             and ids.isdisjoint(entry.const_ids)
+            # A donated (deleted) array must not reach the executable: jaxlib 0.10.2 logs
+            # "Buffer has been deleted or donated" and then crashes the process (SIGSEGV).
+            and not any(isinstance(x, jax.Array) and x.is_deleted() for x in leaves)
         ):
             try:
                 return entry.jitted(*args)
@@ -195,7 +208,7 @@ class ParallelFunction:
         entry = self._entry(args)
         entry.check_inputs(args, self.fun)
         jitted = entry.jitted  # traced and checked: nothing is donated before this passes
-        placed = entry.place(entry.unalias(args))
+        placed = entry.place(entry.unalias(args), for_jit=True)
         try:
             return jitted(*placed)
         except jax.errors.JaxRuntimeError as e:
@@ -231,10 +244,18 @@ class ParallelFunction:
 
     def explain(self, *args: Any) -> Report:
         """The layout of every input and output leaf, and the collectives the
-        compiled program contains (kind, mesh axes, bytes)."""
+        compiled program contains (kind, mesh axes, bytes).
+
+        Where the program as written moves 16-bit floats over manual axes
+        (``tx.pmean`` of bfloat16, ``tx.gather_params(..., dtype=jnp.bfloat16)``),
+        those collectives are listed a second time as written, before XLA
+        compiles them: XLA:CPU reduces bfloat16 and float16 in float32 (its
+        ``AllReducePromotion``) where a GPU or TPU build keeps them 16-bit.
+        """
         in_specs, out_specs = self.specs(*args)
         entry = self._entry(args)
-        compiled = self.lower(*args).compile()
+        lowered = self.lower(*args)
+        compiled = lowered.compile()
         out_avals = jax.tree.map(
             lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), compiled.out_info
         )
@@ -258,6 +279,13 @@ class ParallelFunction:
             + "\n\n"
             + hlo.collectives_table(hlo.collectives(compiled.as_text() or "", entry.mesh))
         )
+        written = hlo.collectives(lowered.as_text(dialect="hlo"), entry.mesh)
+        if any(shape.startswith(("bf16", "f16")) for c in written for shape in c.shapes):
+            text += (
+                "\n\nAs written (manual axes, before XLA compiles; XLA:CPU may reduce 16-bit "
+                "floats in float32, a GPU or TPU build keeps them):\n"
+                + hlo.collectives_table(written)
+            )
         return Report(text)
 
 
