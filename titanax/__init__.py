@@ -53,6 +53,12 @@ from titanax.parallel.fully_sharded import (
     fully_sharded,
     gather_params,
     global_norm,
+    lamb,
+    lars,
+    leaf_norms,
+    normalize_by_update_norm,
+    register_whole_leaf_transform,
+    scale_by_trust_ratio,
     scatter_grads,
     shard_params,
 )
@@ -102,6 +108,13 @@ __all__ = [
     "shard_params",
     "global_norm",
     "clip_by_global_norm",
+    # optimizer transforms exact on shards, and those fully_sharded refuses
+    "leaf_norms",
+    "scale_by_trust_ratio",
+    "lamb",
+    "lars",
+    "normalize_by_update_norm",
+    "register_whole_leaf_transform",
     # state, checkpoints, data
     "TrainState",
     "checkpoint",

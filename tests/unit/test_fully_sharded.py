@@ -668,3 +668,32 @@ def test_replicated_argnums_keep_a_constant_whole_and_undonated():
     assert not table.is_deleted()
     with pytest.raises(tx.PlanError, match="replicated_argnums must be an int"):
         tx.fully_sharded(step, replicated_argnums="table")
+
+
+def test_gather_params_in_bf16_reduces_gradients_in_float32():
+    # Mixed precision (docs/mixed_precision.md): the all-gather moves bfloat16, the
+    # reduce-scatter of its backward pass float32, and the gradient shards are float32.
+    mesh = tx.mesh(data=8)
+    w = np.arange(64 * 16, dtype=np.float32).reshape(64, 16) / 1000
+
+    @tx.fully_sharded(mesh=mesh, min_size=16, donate=False)
+    def grads(w, x):
+        def loss(shard):
+            whole = tx.gather_params(shard, "data", vjp="mean", dtype=jnp.bfloat16)
+            assert whole.dtype == jnp.bfloat16 and whole.shape == (64, 16)
+            return jnp.sum(x.astype(jnp.bfloat16) @ whole).astype(jnp.float32)
+
+        value, g = jax.value_and_grad(loss)(w)
+        return g, tx.pmean(value, "data")
+
+    x = np.ones((8, 64), np.float32)
+    g, _ = grads(w, x)
+    assert g.dtype == jnp.float32 and g.sharding.spec == P("data")
+    np.testing.assert_allclose(g, np.ones((64, 16)), rtol=1e-6)  # mean over replicas of 1 * 1
+    written = hlo.collectives(grads.lower(w, x).as_text(dialect="hlo"), mesh)
+    kinds = {(c.kind, c.shapes[0][:4]) for c in written}
+    assert ("all-gather", "bf16") in kinds and ("reduce-scatter", "f32[") in kinds, kinds
+    with pytest.raises(tx.CollectiveError, match="dtype must be a floating dtype"):
+        tx.fully_sharded(
+            lambda w: tx.gather_params(w, "data", dtype=jnp.int8), mesh=mesh, min_size=16
+        )(w)

@@ -391,6 +391,32 @@ def test_bf16_gradients_are_accumulated_in_float32():
     assert many <= max(1.2 * one, 2**-8)  # bf16's own rounding of the result: 2^-8 relative
 
 
+def test_bf16_stages_on_stage_x_data():
+    """bf16 stage parameters, activations and gradients on a stage x data mesh: the user's
+    tx.pmean of bf16 gradients is a bf16 all-reduce in a partly manual program, which
+    aborted XLA:CPU's compiler (AllReducePromotion) before the guarded collectives
+    reduced bf16 in float32 there."""
+    mesh = tx.mesh(stage=4, data=2)
+    sp, x, t, lp = problem(4, 16, rows=1)
+    low = jax.tree.map(lambda a: a.astype(jnp.bfloat16), sp)
+    pipe = tx.pipeline(stage, microbatches=4, loss=loss)
+
+    @tx.data_parallel(mesh=mesh, batch_argnums=(2, 3), donate=False)
+    def step(sp, lp, x, t):
+        value, (g_sp, _, g_lp) = pipe(sp, x, t, lp)
+        return tx.pmean(value, "data"), tx.pmean(g_sp, "data"), tx.pmean(g_lp, "data")
+
+    value, g, _ = step(low, lp, x.astype(jnp.bfloat16), t)
+    assert g["w"].dtype == jnp.bfloat16
+    wide = jax.tree.map(lambda a: a.astype(jnp.float32), low)
+    want_value, want = jax.value_and_grad(sequential)(wide, x, t, lp, 8)
+    np.testing.assert_allclose(float(value), float(want_value), rtol=2e-2)
+    for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(want)):
+        assert float(jnp.max(jnp.abs(a.astype(jnp.float32) - b))) <= 0.02 * float(
+            jnp.max(jnp.abs(b))
+        )
+
+
 @pytest.mark.parametrize("name, v", [("1f1b", 1), ("zero_bubble_v", 2)])
 def test_pipeline_claims_the_stage_axis_for_stage_params_and_their_moments(name, v):
     """Inside a data_parallel step on data x stage, with no tensor_parallel layer over

@@ -37,6 +37,17 @@ from titanax.parallel.fully_sharded.body import (
     shard_params,
 )
 from titanax.parallel.fully_sharded.layouts import Leaf, Registry, registered, split_dim
+from titanax.parallel.fully_sharded.optim import (
+    lamb,
+    lars,
+    leaf_norms,
+    normalize_by_update_norm,
+    scale_by_trust_ratio,
+)
+from titanax.parallel.fully_sharded.whole_leaves import (
+    refuse_whole_leaf_transforms,
+    register_whole_leaf_transform,
+)
 from titanax.parallel.function import ParallelFunction, apply_layer
 from titanax.parallel.plan import (
     ArgInfo,
@@ -56,6 +67,12 @@ __all__ = [
     "shard_params",
     "global_norm",
     "clip_by_global_norm",
+    "leaf_norms",
+    "scale_by_trust_ratio",
+    "lamb",
+    "lars",
+    "normalize_by_update_norm",
+    "register_whole_leaf_transform",
 ]
 
 P = PartitionSpec
@@ -102,6 +119,7 @@ def _enter(axis: str, shard: Shard, min_size: int, whole: tuple[int, ...]) -> Ca
         size = mesh.shape[axis]
         others = frozenset(mesh.axis_names) - {axis}
         states = []
+        state_args = []
         received: dict[int, tuple[Any, Leaf]] = {}
         for i, (tree, spec_tree, local) in enumerate(zip(avals, specs, local_args)):
             if i in batch or i in resolve_argnums(whole, len(avals)):
@@ -120,6 +138,7 @@ def _enter(axis: str, shard: Shard, min_size: int, whole: tuple[int, ...]) -> Ca
                 )
                 leaves.append(Leaf(path, aval.shape, dim, bool(stored), size, spec))
             states.append(jax.tree.unflatten(jax.tree.structure(tree), leaves))
+            state_args.append((i, tree))
             for x, leaf in zip(jax.tree.leaves(local), leaves):
                 received[id(x)] = (x, leaf)  # the leaf itself is kept, so its id stays its own
         if (
@@ -133,6 +152,8 @@ def _enter(axis: str, shard: Shard, min_size: int, whole: tuple[int, ...]) -> Ca
                 "Pass a tx.TrainState (or name the argument opt_state); a step without "
                 "optimizer state (evaluation) needs no fully_sharded: use tx.data_parallel."
             )
+        split = [leaf.path for s in states for leaf in jax.tree.leaves(s) if leaf.stored_split]
+        refuse_whole_leaf_transforms(where, axis, state_args, split)
         with registered(Registry(where, axis, size, tuple(states), received)):
             yield
 
@@ -196,8 +217,12 @@ def fully_sharded(
     * `scatter_grads` (a reduce-scatter per split leaf, a mean over ``axis``)
       so that each device keeps its shard of the mean gradient,
     * ``state.apply_gradients`` then updates shards with shards; element-wise
-      optimizers (SGD, Adam, AdamW) need nothing more, and global-norm
-      clipping is `clip_by_global_norm` (one scalar all-reduce).
+      optimizers (SGD, Adam, AdamW) need nothing more, global-norm
+      clipping is `clip_by_global_norm` (one scalar all-reduce), and LAMB and
+      LARS are `lamb` and `lars` (one all-reduce of the per-leaf norms). Optax
+      transforms that need whole leaves (optax's trust ratio, Adafactor's
+      factored moments, global norms; see `register_whole_leaf_transform`) are
+      a `PlanError` when the step is traced with a split leaf.
 
     Outputs shaped like a state argument's shards take its layout, so the new
     state is stored split; other outputs are replicated, and one that may
@@ -226,7 +251,8 @@ def fully_sharded(
 
     Raises:
       PlanError: a bad ``axis``, ``mesh``, ``shard``, ``min_size`` or
-        ``batch_argnums``; at call time, a batch that does not split, or
+        ``batch_argnums``; at call time, a batch that does not split, an
+        optimizer transform that needs whole leaves while a leaf is split, or
         outputs that differ between replicas.
 
     Examples:

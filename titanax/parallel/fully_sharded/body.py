@@ -64,6 +64,7 @@ def gather_params(
     *,
     vjp: Literal["mean", "sum"] | None = None,
     like: Any = None,
+    dtype: Any = None,
 ) -> Any:
     """The whole of each leaf of ``tree`` that is stored split along ``axis``: one
     all-gather per split leaf (replicated leaves pass as they are).
@@ -87,6 +88,14 @@ def gather_params(
     layer inside a ``lax.scan``). ``like=`` names the received leaves whose
     layout ``tree`` has, where the shapes alone are ambiguous.
 
+    ``dtype=jnp.bfloat16`` is mixed precision (as PyTorch FSDP's
+    ``param_dtype`` with ``reduce_dtype=float32``): each floating shard is cast
+    to ``dtype`` *before* the all-gather, so the gather moves half the bytes of
+    float32 and the model computes in bfloat16, while the gradient flowing
+    back through the gather (``vjp=``) is cast to the shard's own dtype
+    (float32 master parameters) *before* its reduce-scatter, so gradients are
+    reduced and returned in float32.
+
     Raises:
       CollectiveError: outside a ``fully_sharded`` body over ``axis``, a tree
         that matches no part of the state, a leaf that is already whole, or
@@ -94,6 +103,10 @@ def gather_params(
     """
     if vjp not in (None, "mean", "sum"):
         raise CollectiveError(f"tx.gather_params: vjp must be None, 'mean' or 'sum', got {vjp!r}.")
+    if dtype is not None and not jnp.issubdtype(dtype, jnp.floating):
+        raise CollectiveError(
+            f"tx.gather_params: dtype must be a floating dtype (e.g. jnp.bfloat16), got {dtype!r}."
+        )
     infos = layout_of("gather_params", tree, axis, like)
 
     def one(x: Any, leaf: Leaf) -> Any:
@@ -104,9 +117,12 @@ def gather_params(
                 "gather shards only."
             )
 
+        wide = jnp.result_type(x)
+        narrow = dtype if dtype is not None and jnp.issubdtype(wide, jnp.floating) else wide
+
         @jax.custom_vjp
         def gather(a: Any) -> Any:
-            return _gather(a, leaf, axis)
+            return _gather(a.astype(narrow), leaf, axis)
 
         def backward(_: None, ct: Any) -> tuple[Any]:
             if vjp is None:
@@ -117,7 +133,7 @@ def gather_params(
                     "jax.value_and_grad and reduce with tx.scatter_grads, or pass "
                     f"vjp='mean' to reduce-scatter the gradient in the backward pass."
                 )
-            return (_scatter(ct, leaf, axis, vjp == "mean"),)
+            return (_scatter(ct.astype(wide), leaf, axis, vjp == "mean"),)
 
         gather.defvjp(lambda a: (gather(a), None), backward)
         return gather(x)
@@ -179,7 +195,7 @@ def global_norm(tree: Any, axis: str = "data") -> jax.Array:
     if active(axis) is None:
         return optax.tree.norm(tree)
     split_leaf = [
-        leaf.dim is not None and leaf.size > 1 and shape_of(x) == leaf.shard_shape
+        leaf.holds_shard(shape_of(x))
         for x, leaf in zip(jax.tree.leaves(tree), layout_of("global_norm", tree, axis))
     ]
     split = jnp.zeros((), jnp.float32)

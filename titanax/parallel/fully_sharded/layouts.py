@@ -47,6 +47,11 @@ class Leaf:
             return self.shape
         return tuple(s // self.size if d == self.dim else s for d, s in enumerate(self.shape))
 
+    def holds_shard(self, shape: tuple[int, ...]) -> bool:
+        """Whether a value of ``shape`` laid out like this leaf is a shard of it (it is split,
+        along an axis of size > 1, and the value has the shard's shape, not the whole's)."""
+        return self.dim is not None and self.size > 1 and shape == self.shard_shape
+
     def inner(self, k: int) -> Leaf | None:
         """The layout of one slice ``x[i_0, ..., i_{k-1}]`` (a layer of stacked layers), or
         ``None`` when the slice would cut the split dimension."""
