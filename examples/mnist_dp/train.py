@@ -21,7 +21,7 @@ import numpy as np
 if __package__ in (None, ""):  # run as a script: make `examples` importable
     sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[2]))
 
-from examples.common import Checkpoints, run, say, start  # noqa: E402
+from examples.common import Checkpoints, command, run, say, start  # noqa: E402
 
 
 # ---------------------------------------------------------------- data
@@ -198,16 +198,26 @@ def train(
 class Config:
     """The example's settings; ``config.yaml`` beside this file holds the defaults."""
 
-    devices: int = 8  # simulated CPU devices (under `titanax launch`: all processes' devices)
+    devices: int = 8
+    """Simulated CPU devices (under `titanax launch`: all processes' devices)."""
     steps: int = 300
-    batch_size: int = 128  # global batch
+    """Training steps."""
+    batch_size: int = 128
+    """Global batch, split over the `data` axis."""
     lr: float = 1e-3
+    """Adam's learning rate."""
     hidden: int = 128
+    """Width of the MLP's two hidden layers."""
     seed: int = 0
-    data_dir: str | None = None  # real MNIST (mnist.npz or the IDX files)
-    checkpoint_dir: str | None = None  # save here; resume from the newest checkpoint
-    save_every: int = 0  # steps between checkpoints (0: only at the end)
-    metrics: str | None = None  # append one JSON line per step here
+    """Seed of the initial parameters and the shuffling."""
+    data_dir: str | None = None
+    """A directory with the real MNIST (mnist.npz or the IDX files); null: scikit-learn's digits."""
+    checkpoint_dir: str | None = None
+    """Save checkpoints here; resume from the newest one found."""
+    save_every: int = 0
+    """Steps between checkpoints (0: only at the end)."""
+    metrics: str | None = None
+    """Append one JSON line per step (loss, throughput) to this file."""
 
 
 CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "config.yaml")
@@ -232,7 +242,7 @@ def main(argv: list[str] | None = None) -> float:
     """``train.py [--config FILE] [--set key=value ...] [--key value ...]``."""
     from titanax.launch.config import from_argv
 
-    cfg = from_argv(Config, sys.argv[1:] if argv is None else argv, default=CONFIG)
+    cfg = from_argv(Config, argv, default=CONFIG, description=__doc__, exit_on_error=True)
     import jax
 
     start(cfg.devices)  # devices, and the other processes under `titanax launch`
@@ -263,4 +273,4 @@ def main(argv: list[str] | None = None) -> float:
 
 
 if __name__ == "__main__":
-    main()
+    command(main)
