@@ -19,28 +19,9 @@ import numpy as np
 if __package__ in (None, ""):  # run as a script: make `examples` importable
     sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[2]))
 
-from examples.common import mine, run, say, start
+from examples.common import command, mine, run, say, start
 from examples.gpt_small_tp import model as gpt
 from examples.gpt_small_tp.train import make_optimizer, validation_batches
-
-
-def to_pipeline(params: gpt.Params) -> gpt.Params:
-    """``h`` (a list of blocks) becomes ``blocks``: each leaf stacked on a leading stage axis."""
-    import jax
-    import jax.numpy as jnp
-
-    out = {k: v for k, v in params.items() if k != "h"}
-    out["blocks"] = jax.tree.map(lambda *xs: jnp.stack(xs), *params["h"])
-    return out
-
-
-def from_pipeline(params: gpt.Params) -> gpt.Params:
-    import jax
-
-    n = jax.tree.leaves(params["blocks"])[0].shape[0]
-    out = {k: v for k, v in params.items() if k != "blocks"}
-    out["h"] = [jax.tree.map(lambda a, i=i: a[i], params["blocks"]) for i in range(n)]
-    return out
 
 
 def make_steps(
@@ -54,9 +35,18 @@ def make_steps(
 ) -> tuple[Any, Any]:
     """The DP x PP training step and the evaluation step (which needs no pipeline).
 
+    The model's stacked blocks (``params["h"]``, a leading layer dimension) are the
+    pipeline's stage rows as they are: one block per model stage.
+
     ``zero=3``: ``fully_sharded`` over ``data`` instead of ``data_parallel``; each
-    stage's blocks, and their Adam moments, are also split over ``data``.
+    stage's blocks, and their Adam moments, are also split over ``data``. The step
+    gathers them once, at its top: a device's stage rows are its own blocks only (one
+    per virtual stage), so that is already a block at a time, and every microbatch's
+    forward and backward pass reuse them (a gather inside the stage would repeat the
+    all-gather and reduce-scatter for each microbatch).
     """
+    import functools
+
     import jax
     from jax.sharding import PartitionSpec as P
 
@@ -71,15 +61,16 @@ def make_steps(
     )
 
     def train_step(state: Any, tokens: Any) -> tuple[Any, dict[str, Any]]:
+        # ZeRO-3: each device gathers its stage's blocks over data (not the other stages')
         p = tx.gather_params(state.params, "data") if zero else state.params
         x, embed_vjp = jax.vjp(
             lambda e: gpt.embed(e, tokens[:, :-1]), {"wte": p["wte"], "wpe": p["wpe"]}
         )
         head = {"ln_f": p["ln_f"], "wte": p["wte"]}
-        loss, (g_blocks, g_x, g_head) = pipe(p["blocks"], x, tokens[:, 1:], head)
+        loss, (g_blocks, g_x, g_head) = pipe(p["h"], x, tokens[:, 1:], head)
         (g_embed,) = embed_vjp(g_x)  # the pipeline's input gradient flows on into the embedding
         grads = {
-            "blocks": g_blocks,
+            "h": g_blocks,
             "ln_f": g_head["ln_f"],
             "wpe": g_embed["wpe"],
             "wte": g_embed["wte"] + g_head["wte"],  # tied: used by the embedding and the head
@@ -89,14 +80,14 @@ def make_steps(
         return state.apply_gradients(grads), {"loss": tx.pmean(loss, "data")}
 
     def eval_step(params: Any, tokens: Any) -> Any:
-        params = tx.gather_params(params, "data") if zero else params
-        return tx.pmean(gpt.loss_fn(from_pipeline(params), tokens, cfg), "data")
+        gather = functools.partial(tx.gather_params, axis="data") if zero else None
+        return tx.pmean(gpt.loss_fn(params, tokens, cfg, gather), "data")  # a block at a time
 
     if zero not in (0, 3):
         raise ValueError(f"zero must be 0 (data_parallel) or 3 (fully_sharded), got {zero}")
 
     # Each stage's blocks (and their optimizer moments) live on their stage's devices.
-    stage_layout = tx.Rules((r"blocks/", P("stage")), (r".*", P()))
+    stage_layout = tx.Rules((r"(^|/)h/", P("stage")), (r".*", P()))
     data = tx.fully_sharded if zero else tx.data_parallel
     train = data(tx.tensor_parallel(stage_layout, axis="stage")(train_step), mesh=mesh)
     evaluate = data(
@@ -127,7 +118,7 @@ def train(
 
     train_data, valid_data = gpt.split(gpt.corpus())
     optimizer = make_optimizer(lr, steps)
-    params = to_pipeline(gpt.init(jax.random.key(seed), cfg))
+    params = gpt.init(jax.random.key(seed), cfg)
     state = tx.TrainState.create(params, optimizer)
     step, evaluate = make_steps(
         cfg,
@@ -155,20 +146,34 @@ def train(
 class Config:
     """The example's settings; ``config.yaml`` beside this file holds the defaults."""
 
-    schedule: str = "1f1b"  # gpipe, 1f1b, interleaved_1f1b, zero_bubble
-    data: int = 2  # data-parallel replicas
-    stages: int = 4  # devices along the stage axis
-    virtual_stages: int = 1  # stages per device (interleaved_1f1b: 2 or more)
-    microbatches: int = 4  # per replica and step
-    devices: int = 8  # simulated CPU devices
+    schedule: str = "1f1b"
+    """Pipeline schedule: gpipe, 1f1b, interleaved_1f1b, zero_bubble or zero_bubble_v."""
+    data: int = 2
+    """Data-parallel replicas."""
+    stages: int = 4
+    """Devices along the stage axis (one GPT block per stage)."""
+    virtual_stages: int = 1
+    """Stages per device (interleaved_1f1b: 2 or more)."""
+    microbatches: int = 4
+    """Microbatches per replica and step."""
+    devices: int = 8
+    """Simulated CPU devices (under `titanax launch`: all processes' devices)."""
     steps: int = 150
-    batch_size: int = 16  # global batch (sequences)
+    """Training steps."""
+    batch_size: int = 16
+    """Global batch, in sequences of seq_len + 1 bytes."""
     lr: float = 1e-3
+    """AdamW's peak learning rate (warm-up, then cosine decay)."""
     d_model: int = 256
+    """Width of the residual stream."""
     heads: int = 4
+    """Attention heads."""
     seq_len: int = 128
+    """Context length, in bytes."""
     seed: int = 0
-    zero: int = 0  # 0: data_parallel over data; 3: fully_sharded (ZeRO-3)
+    """Seed of the initial parameters and the data order."""
+    zero: int = 0
+    """0: data_parallel over data; 3: fully_sharded (ZeRO-3)."""
 
 
 CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "config.yaml")
@@ -194,7 +199,7 @@ def build(cfg: Config) -> tuple[Any, tuple[Any, ...]]:
         zero=cfg.zero,
     )
     state = tx.TrainState.create(
-        to_pipeline(gpt.init(jax.random.key(cfg.seed), gcfg)), make_optimizer(cfg.lr, cfg.steps)
+        gpt.init(jax.random.key(cfg.seed), gcfg), make_optimizer(cfg.lr, cfg.steps)
     )
     return step, (state, np.zeros((cfg.batch_size, cfg.seq_len + 1), np.int32))
 
@@ -204,7 +209,7 @@ def main(argv: list[str] | None = None) -> float:
     import titanax.parallel.schedules as schedules
     from titanax.launch.config import from_argv
 
-    args = from_argv(Config, sys.argv[1:] if argv is None else argv, default=CONFIG)
+    args = from_argv(Config, argv, default=CONFIG, description=__doc__, exit_on_error=True)
     if args.schedule == "interleaved_1f1b" and args.virtual_stages < 2:
         args.virtual_stages = 2
 
@@ -250,4 +255,4 @@ def main(argv: list[str] | None = None) -> float:
 
 
 if __name__ == "__main__":
-    main()
+    command(main)

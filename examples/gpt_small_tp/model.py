@@ -4,11 +4,16 @@ Kernels are stored ``(d_in, d_out)``. The attention's q, k and v come from one f
 projection stored ``(d_model, 3, d_model)``: split over heads on its last dimension, it
 is column-parallel with a single input gradient (one all-reduce backward, not three),
 as ``tx.rules.megatron_attention`` lays it out.
+
+The blocks are stacked: each leaf of ``params["h"]`` has a leading layer dimension, and
+`loss_fn` runs them with one ``lax.scan``. That is the layout ``tx.pipeline`` takes as stage
+rows, and the one ZeRO-3 needs to gather one block at a time (see `loss_fn`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -62,7 +67,7 @@ def init(key: Any, cfg: GPTConfig) -> Params:
     return {
         "wte": jax.random.normal(k_wte, (cfg.vocab, cfg.d_model), jnp.float32) * 0.02,
         "wpe": jax.random.normal(k_wpe, (cfg.seq_len, cfg.d_model), jnp.float32) * 0.01,
-        "h": [init_block(k, cfg) for k in k_blocks],
+        "h": jax.tree.map(lambda *xs: jnp.stack(xs), *[init_block(k, cfg) for k in k_blocks]),
         "ln_f": _norm(cfg.d_model),
     }
 
@@ -106,12 +111,41 @@ def head_loss(params: Params, x: jax.Array, targets: jax.Array) -> jax.Array:
     return -jnp.take_along_axis(logp, targets[..., None], axis=-1).mean()
 
 
-def loss_fn(params: Params, tokens: jax.Array, cfg: GPTConfig) -> jax.Array:
-    """Next-byte loss of ``tokens`` (``(batch, seq_len + 1)`` bytes)."""
-    x = embed(params, tokens[:, :-1])
-    for p in params["h"]:
-        x = block(p, x, cfg.heads)
-    return head_loss(params, x, tokens[:, 1:])
+def blocks(
+    h: Params, x: jax.Array, heads: int, gather: Callable[[Params], Params] | None = None
+) -> jax.Array:
+    """The stacked blocks ``h`` applied in order: one ``lax.scan`` over the layer dimension.
+
+    With ``gather``, each block's parameters are ``gather(p)`` inside the scan, under
+    ``jax.checkpoint``: the backward pass calls ``gather`` again for its block instead of
+    keeping it, so one block's gathered parameters are alive at a time (ZeRO-3).
+    """
+
+    def layer(x: jax.Array, p: Params) -> tuple[jax.Array, None]:
+        return block(p if gather is None else gather(p), x, heads), None
+
+    x, _ = jax.lax.scan(layer if gather is None else jax.checkpoint(layer), x, h)
+    return x
+
+
+def loss_fn(
+    params: Params,
+    tokens: jax.Array,
+    cfg: GPTConfig,
+    gather: Callable[[Params], Params] | None = None,
+) -> jax.Array:
+    """Next-byte loss of ``tokens`` (``(batch, seq_len + 1)`` bytes).
+
+    ``gather``: called on the parameters before they are used, one block at a time inside
+    the scan (see `blocks`) and once on the others (embeddings, final norm). Under
+    ``tx.fully_sharded`` it is ``tx.gather_params`` with ``vjp="mean"``; ``None``: the
+    parameters are whole already.
+    """
+    rest = {k: v for k, v in params.items() if k != "h"}
+    rest = rest if gather is None else gather(rest)
+    x = embed(rest, tokens[:, :-1])
+    x = blocks(params["h"], x, cfg.heads, gather)
+    return head_loss(rest, x, tokens[:, 1:])
 
 
 def corpus() -> np.ndarray:

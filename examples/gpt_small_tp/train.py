@@ -20,20 +20,24 @@ import numpy as np
 if __package__ in (None, ""):  # run as a script: make `examples` importable
     sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[2]))
 
-from examples.common import Checkpoints, mine, run, say, start
+from examples.common import Checkpoints, command, mine, run, say, start
 from examples.gpt_small_tp import model as gpt
 
 
 def gpt_rules(axis: str = "model") -> Any:
-    """Megatron layouts: attention heads and MLP hidden units split over ``axis``."""
+    """Megatron layouts: attention heads and MLP hidden units split over ``axis``.
+
+    The blocks are stacked (``params["h"]``: a leading layer dimension), so each Megatron
+    spec gains a leading ``None``: the layer dimension stays whole.
+    """
     from jax.sharding import PartitionSpec as P
 
     import titanax as tx
 
-    return (
-        tx.rules.megatron_attention(axis=axis)
-        + tx.rules.megatron_mlp(axis=axis)
-        + tx.Rules((r".*", P()))  # embeddings, norms: replicated
+    megatron = tx.rules.megatron_attention(axis=axis) + tx.rules.megatron_mlp(axis=axis)
+    return tx.Rules(
+        *((pattern, P(None, *spec)) for pattern, spec in megatron),
+        (r".*", P()),  # embeddings, norms: replicated
     )
 
 
@@ -44,7 +48,13 @@ def make_steps(cfg: gpt.GPTConfig, mesh: Any, zero: int = 0) -> tuple[Any, Any]:
     ``fully_sharded`` (parameters and optimizer state split over ``data``);
     ``zero=1``: ``fully_sharded(shard="optimizer")``. All compose with
     ``tensor_parallel`` over ``model``; the collectives over ``data`` are written here.
+
+    ZeRO-3 gathers a block at a time: the model calls the gather inside its scan over the
+    stacked blocks, under ``jax.checkpoint``, so one block's whole parameters are alive at
+    a time and the step's temporary memory stays below ``data_parallel``'s.
     """
+    import functools
+
     import jax
     import optax
 
@@ -58,10 +68,12 @@ def make_steps(cfg: gpt.GPTConfig, mesh: Any, zero: int = 0) -> tuple[Any, Any]:
         grads = tx.pmean(grads, "data")  # the DP reduction; TP needs none (global view)
         return state.apply_gradients(grads), {"loss": tx.pmean(loss, "data")}
 
+    # ZeRO-3's all-gather, one block at a time; its backward pass reduce-scatters that
+    # block's gradient (vjp="mean"), so value_and_grad returns this device's reduced shards.
+    gather = functools.partial(tx.gather_params, axis="data", vjp="mean")
+
     def zero3_step(state: Any, tokens: Any) -> tuple[Any, dict[str, Any]]:
-        params = tx.gather_params(state.params, "data")  # all-gather the shards
-        loss, grads = value_and_grad(params, tokens)
-        grads = tx.scatter_grads(grads, "data")  # reduce-scatter: this device's shard
+        loss, grads = jax.value_and_grad(gpt.loss_fn)(state.params, tokens, cfg, gather)
         return state.apply_gradients(grads), {"loss": tx.pmean(loss, "data")}
 
     def zero1_step(state: Any, tokens: Any) -> tuple[Any, dict[str, Any]]:
@@ -74,9 +86,8 @@ def make_steps(cfg: gpt.GPTConfig, mesh: Any, zero: int = 0) -> tuple[Any, Any]:
         return new, {"loss": tx.pmean(loss, "data")}
 
     def eval_step(params: Any, tokens: Any) -> Any:
-        if zero == 3:
-            params = tx.gather_params(params, "data")
-        return tx.pmean(gpt.loss_fn(params, tokens, cfg), "data")
+        loss = gpt.loss_fn(params, tokens, cfg, gather if zero == 3 else None)
+        return tx.pmean(loss, "data")
 
     if zero not in (0, 1, 3):
         raise ValueError(f"zero must be 0 (data_parallel), 1 or 3 (fully_sharded), got {zero}")
@@ -85,8 +96,14 @@ def make_steps(cfg: gpt.GPTConfig, mesh: Any, zero: int = 0) -> tuple[Any, Any]:
         outer, step = tx.data_parallel(mesh=mesh), dp_step
         evaluate = tx.data_parallel(mesh=mesh, donate=False)
     elif zero == 3:
-        outer, step = tx.fully_sharded(mesh=mesh), zero3_step
-        evaluate = tx.fully_sharded(mesh=mesh, donate=False)  # parameters split as in training
+        # Only kernels and embeddings are split: the stacked biases and norms (at most
+        # 4 x d_model elements per block) stay replicated. Split, each would cost a collective
+        # per block for a few hundred bytes; and one whose d_model the model axis splits
+        # (qkv's and up's biases) has only its layer dimension left for data, which the scan
+        # over the blocks could not slice.
+        small = 4 * cfg.d_model * cfg.layers + 1
+        outer, step = tx.fully_sharded(mesh=mesh, min_size=small), zero3_step
+        evaluate = tx.fully_sharded(mesh=mesh, min_size=small, donate=False)  # as in training
     else:  # ZeRO-1 splits the optimizer state only: evaluation is plain data parallelism
         outer, step = tx.fully_sharded(mesh=mesh, shard="optimizer"), zero1_step
         evaluate = tx.data_parallel(mesh=mesh, donate=False)
@@ -166,33 +183,49 @@ def train(
 
 
 def parse_mesh(text: str) -> dict[str, int]:
-    """``"data=2,model=4"`` -> ``{"data": 2, "model": 4}``."""
-    axes = dict(part.split("=") for part in text.split(",") if part)
-    return {
-        "data": int(axes.pop("data", 1)),
-        "model": int(axes.pop("model", 1)),
-        **{k: int(v) for k, v in axes.items()},
-    }
+    """``"data=2,model=4"`` -> ``{"data": 2, "model": 4}`` (an axis left out has size 1).
+
+    Raises:
+      MeshError: an item that is not ``name=size``, or an axis given twice.
+    """
+    from titanax.mesh import parse_axes
+
+    axes = parse_axes(text)
+    return {"data": axes.pop("data", 1), "model": axes.pop("model", 1), **axes}
 
 
 @dataclasses.dataclass
 class Config:
     """The example's settings; ``config.yaml`` beside this file holds the defaults."""
 
-    mesh: str = "data=2,model=4"  # axis sizes
-    devices: int = 8  # simulated CPU devices
+    mesh: str = "data=2,model=4"
+    """Axis sizes, name=size joined by commas: data (replicas) and model (tensor parallel)."""
+    devices: int = 8
+    """Simulated CPU devices (under `titanax launch`: all processes' devices)."""
     steps: int = 200
-    batch_size: int = 16  # global batch (sequences)
+    """Training steps."""
+    batch_size: int = 16
+    """Global batch, in sequences of seq_len + 1 bytes."""
     lr: float = 1e-3
+    """AdamW's peak learning rate (warm-up, then cosine decay)."""
     layers: int = 4
+    """Transformer blocks."""
     d_model: int = 256
+    """Width of the residual stream."""
     heads: int = 4
+    """Attention heads (split over the model axis)."""
     seq_len: int = 128
+    """Context length, in bytes."""
     seed: int = 0
-    checkpoint_dir: str | None = None  # save here; resume from the newest checkpoint
-    save_every: int = 0  # steps between checkpoints (0: only at the end)
-    metrics: str | None = None  # append one JSON line per step here
-    zero: int = 0  # 0: data_parallel; 3: fully_sharded (ZeRO-3); 1: ZeRO-1
+    """Seed of the initial parameters and the data order."""
+    checkpoint_dir: str | None = None
+    """Save checkpoints here; resume from the newest one found."""
+    save_every: int = 0
+    """Steps between checkpoints (0: only at the end)."""
+    metrics: str | None = None
+    """Append one JSON line per step (loss, throughput) to this file."""
+    zero: int = 0
+    """0: data_parallel; 3: fully_sharded (ZeRO-3); 1: optimizer state only (ZeRO-1)."""
 
 
 CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "config.yaml")
@@ -220,7 +253,7 @@ def main(argv: list[str] | None = None) -> float:
     """``train.py [--config FILE] [--set key=value ...] [--key value ...]``."""
     from titanax.launch.config import from_argv
 
-    args = from_argv(Config, sys.argv[1:] if argv is None else argv, default=CONFIG)
+    args = from_argv(Config, argv, default=CONFIG, description=__doc__, exit_on_error=True)
 
     import jax
 
@@ -257,4 +290,4 @@ def main(argv: list[str] | None = None) -> float:
 
 
 if __name__ == "__main__":
-    main()
+    command(main)

@@ -330,22 +330,22 @@ def measure_fsdp():
         is_leaf=is_spec,
     )
 
-    def body(state, tokens):  # by hand: all-gather, local gradients, reduce-scatter
-        params = jax.tree.map(
+    block_dims = jax.tree.map(lambda d: d - 1 if d > 0 else -1, dims["h"])  # one block
+
+    def gather(tree):  # by hand: the model calls it with one block's shards, or the others
+        same = jax.tree.structure(tree) == jax.tree.structure(block_dims)
+        where = block_dims if same else {k: dims[k] for k in tree}
+        return jax.tree.map(
             lambda w, d: w if d < 0 else jax.lax.all_gather(w, "data", axis=d, tiled=True),
-            state.params,
-            dims,
+            tree,
+            where,
         )
-        loss, grads = jax.value_and_grad(gpt.loss_fn)(params, tokens, cfg)
-        grads = jax.tree.map(
-            lambda g, d: (
-                jax.lax.pmean(g, "data")
-                if d < 0
-                else jax.lax.psum_scatter(g, "data", scatter_dimension=d, tiled=True) / 8
-            ),
-            grads,
-            dims,
-        )
+
+    def body(state, tokens):  # by hand: a block at a time, as the example's ZeRO-3 step
+        # the transpose of all_gather is psum_scatter (a sum over the replicas); replicated
+        # leaves' gradients stay per replica (check_vma=False): averaged here
+        loss, grads = jax.value_and_grad(gpt.loss_fn)(state.params, tokens, cfg, gather)
+        grads = jax.tree.map(lambda g, d: jax.lax.pmean(g, "data") if d < 0 else g / 8, grads, dims)
         return state.apply_gradients(grads), {"loss": jax.lax.pmean(loss, "data")}
 
     state_sharding = jax.tree.map(lambda s: NamedSharding(mesh, s), specs, is_leaf=is_spec)

@@ -29,8 +29,16 @@ def _setup(gpu: bool) -> None:
     sys.path.insert(0, ROOT)
 
 
+def _per_step(text: str, mesh) -> list:
+    """The collectives of a compiled program, each as many times as it runs in one step (a
+    collective in a ``lax.scan``'s loop body once per iteration)."""
+    from tests.benchmarks.bench_fsdp_layers import loop_collectives
+
+    return [c for c, n in loop_collectives(text, mesh) for _ in range(n)]
+
+
 def communication() -> list[tuple[str, str, int, int]]:
-    """HLO collective bytes against the analytic minimum of each layout."""
+    """HLO collective bytes per step against the analytic minimum of each layout."""
     import jax
     import numpy as np
     import optax
@@ -68,7 +76,7 @@ def communication() -> list[tuple[str, str, int, int]]:
     train, _ = gpt_example.make_steps(cfg, mesh)
     state = tx.TrainState.create(gpt.init(jax.random.key(0), cfg), optax.adam(1e-3))
     tokens = np.zeros((8, cfg.seq_len + 1), np.int32)
-    found = hlo.collectives(train.lower(state, tokens).compile().as_text(), mesh)
+    found = _per_step(train.lower(state, tokens).compile().as_text(), mesh)
     activation = (8 // 2) * cfg.seq_len * cfg.d_model * 4
     model = sum(c.bytes for c in found if c.axes == ("model",) and c.kind == "all-reduce")
     scalars = sum(4 for c in found if c.axes == ("model",) for s in c.shapes if s == "f32[]")
@@ -93,21 +101,29 @@ def communication() -> list[tuple[str, str, int, int]]:
         ("DP x TP, GPT 2 layers, data=2 x model=4", "all-reduce over data", data, shard_bytes + 4)
     )
 
-    # ZeRO-3 on data=8: each split parameter gathered whole once (forward), each whole
-    # gradient reduce-scattered once; replicated small leaves' gradients and the loss
-    # all-reduced.
+    # ZeRO-3 on data=8, a block at a time: each split block leaf gathered whole twice (the
+    # forward pass, and again in the backward pass under jax.checkpoint), the other split
+    # leaves once; each whole gradient reduce-scattered once; replicated small leaves'
+    # gradients and the loss all-reduced.
     mesh = tx.mesh(data=8, model=1)
     train, _ = gpt_example.make_steps(cfg, mesh, zero=3)
     state = tx.TrainState.create(gpt.init(jax.random.key(0), cfg), optax.adam(1e-3))
-    found = hlo.collectives(train.lower(state, tokens).compile().as_text(), mesh)
+    found = _per_step(train.lower(state, tokens).compile().as_text(), mesh)
     in_specs = train.specs(state, tokens)[0][0].params
     is_spec = lambda s: isinstance(s, jax.sharding.PartitionSpec)  # noqa: E731
     pairs = list(zip(jax.tree.leaves(state.params), jax.tree.leaves(in_specs, is_leaf=is_spec)))
     split = sum(a.nbytes for a, s in pairs if "data" in s)
     small = sum(a.nbytes for a, s in pairs if "data" not in s)
-    name = "ZeRO-3, GPT 2 layers, data=8"
+    blocks = sum(
+        a.nbytes
+        for a, s in zip(
+            jax.tree.leaves(state.params["h"]), jax.tree.leaves(in_specs["h"], is_leaf=is_spec)
+        )
+        if "data" in s
+    )
+    name = "ZeRO-3 (a block at a time), GPT 2 layers, data=8"
     for kind, minimum in (
-        ("all-gather", split),
+        ("all-gather", split + blocks),
         ("reduce-scatter", split),
         ("all-reduce", small + 4),
     ):
@@ -231,6 +247,103 @@ def plot_pipeline(table: dict, path: str) -> None:
     plt.close(fig)
 
 
+def fsdp_layer_lines(mlp: dict, gpt: dict) -> list[str]:
+    """The report's section on ZeRO-3 a layer at a time (`bench_fsdp_layers`)."""
+    from tests.benchmarks import bench_fsdp_layers as b
+
+    def runs(gathers: list[int]) -> str:  # [1, 8, 8] -> "1 x 1, 2 x 8"
+        return ", ".join(f"{gathers.count(n)} x {n}" for n in sorted(set(gathers)))
+
+    sizes = b.layer_bytes()
+    lines = [
+        "## ZeRO-3 a layer at a time: memory against depth",
+        "",
+        "Compiled memory per device (`memory_analysis()`) on `data=8` with Adam, for three",
+        "steps of one model whose layers are stacked and run by a `lax.scan`: `data_parallel`;",
+        "ZeRO-3 gathering every parameter at the top of the step (`gather_params` before",
+        "`value_and_grad`, `scatter_grads` after); ZeRO-3 gathering each layer inside the scan",
+        'under `jax.checkpoint` with `vjp="mean"`, the step of `docs/fully_sharded.md` and of',
+        "both GPT examples. The MLP is residual, `d=256`, hidden 1024, 64 rows; the GPT is",
+        "the example's, `d_model=128`, 64 bytes of context, 8 sequences. ZeRO-3 columns are",
+        "ratios to `data_parallel`. All-gathers: ops in the compiled program x times each runs",
+        "per step (a gather in a loop body runs once per layer).",
+        "",
+        "| model | layers | DP temp | DP argument + temp | top: temp | top: argument + temp |"
+        " per layer: temp | per layer: argument + temp | per layer: all-gathers |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for model, results in (("MLP", mlp), ("GPT", gpt)):
+        for n, dp_t, dp_at, top_t, top_at, per_t, per_at, gathers in b.rows(results):
+            lines.append(
+                f"| {model} | {n} | {dp_t:,} | {dp_at:,} | {top_t / dp_t:.3f} | "
+                f"{top_at / dp_at:.3f} | {per_t / dp_t:.3f} | {per_at / dp_at:.3f} | "
+                f"{runs(gathers)} |"
+            )
+    lines += [
+        "",
+        f"Temp bytes added per layer, from {b.LAYERS[0]} to {b.LAYERS[-1]} layers, against one"
+        " layer's whole parameters and the activation it passes on (per device):",
+        "",
+        "| model | data_parallel | ZeRO-3, top | ZeRO-3, a layer at a time | a layer's parameters |"
+        " its parameters / 8 | the activation it passes on |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for model, results in (("MLP", mlp), ("GPT", gpt)):
+        params, act = sizes[model]
+        lines.append(
+            f"| {model} | {b.growth(results, 'data_parallel'):,.0f} | "
+            f"{b.growth(results, 'ZeRO-3, top'):,.0f} | "
+            f"{b.growth(results, 'ZeRO-3, per layer'):,.0f} | {params:,} | {params // 8:,} | "
+            f"{act:,} |"
+        )
+    loop = mlp.get((b.PYTHON_LOOP[0], 8))
+    lines += [
+        "",
+        "Under `data_parallel` each layer adds two or more copies of its parameters (its whole",
+        "gradient among them), and the top gather more, since it also holds every whole",
+        "parameter: its temp is above `data_parallel`'s at every depth. A layer at a time,",
+        "each layer adds the activation the scan saves for the backward pass and its",
+        "gradient's shard (its parameters / 8, which `apply_gradients` consumes), plus on the",
+        "GPT the whole gradients of its small replicated leaves: no whole parameter.",
+    ]
+    remat = mlp.get(("data_parallel, remat", 8))
+    if remat is not None:
+        lines += [
+            "",
+            "`data_parallel` with the same `jax.checkpoint` around each layer needs "
+            f"{remat['temp']:,} B of temp on the 8-layer MLP, against "
+            f"{mlp['data_parallel', 8]['temp']:,} B without: the saving is ZeRO-3's, not",
+            "recomputation's.",
+        ]
+    looped = gpt.get(("data_parallel, Python loop", 8))
+    if looped is not None:
+        per = gpt["ZeRO-3, per layer", 8]
+        lines += [
+            "",
+            "The scan costs `data_parallel` some temp memory: the GPT's blocks in a Python loop",
+            f"need {looped['temp']:,} B at 8 layers, against {gpt['data_parallel', 8]['temp']:,} B"
+            " for the scan. Against that, ZeRO-3 a layer at a time needs "
+            f"{per['temp'] / looped['temp']:.3f}x the temp and "
+            f"{(per['temp'] + per['arg']) / (looped['temp'] + looped['arg']):.3f}x argument +"
+            " temp.",
+        ]
+    if loop is not None:
+        per = mlp["ZeRO-3, per layer", 8]
+        lines += [
+            "",
+            "The scan is what keeps the gathers per layer. The same step with the layers in a",
+            f"Python loop (MLP, 8 layers) compiles to {runs(loop['gathers'])} all-gathers and",
+            f"{loop['temp']:,} temp bytes, against {per['temp']:,} for the scan: XLA:CPU removes",
+            "the optimization barriers that `jax.checkpoint` puts before the recomputation",
+            "(its `cse_barrier_expander` pass) and its CSE pass then merges each recomputed",
+            "all-gather with the forward one, so every gathered layer is kept from the forward",
+            "pass to the backward pass. In a scan the two gathers of a layer are in different",
+            "loops, each of a slice chosen by the loop counter: nothing to merge or hoist. See",
+            '`docs/fully_sharded.md`, "A layer at a time".',
+        ]
+    return lines + [""]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--gpu", action="store_true", help="also measure on the accelerators")
@@ -239,7 +352,7 @@ def main() -> None:
     _setup(args.gpu)
     import jax
 
-    from tests.benchmarks import bench_checkpoint, bench_overhead, bench_pipeline
+    from tests.benchmarks import bench_checkpoint, bench_fsdp_layers, bench_overhead, bench_pipeline
 
     start = time.perf_counter()
     dp = bench_overhead.measure_dp()
@@ -251,10 +364,14 @@ def main() -> None:
     fsdp = bench_overhead.measure_fsdp()
     comm = communication()
     memory = fsdp_memory()
+    depth_mlp, depth_gpt = bench_fsdp_layers.measure_mlp(), bench_fsdp_layers.measure_gpt()
+    merged = bench_fsdp_layers.measure_mlp(layers=(8,), names=bench_fsdp_layers.PYTHON_LOOP)
+    depth_mlp.update(merged)
     pipe = bench_pipeline.table()
     grid = bench_pipeline.lockstep_grid()
     scale = scaling()
     ckpt = bench_checkpoint.measure()
+    sums = bench_checkpoint.measure_checksums()
     gpu = gpu_throughput() if args.gpu else None
     img = os.path.join(os.path.dirname(args.out), "img", "pipeline_memory.png")
     os.makedirs(os.path.dirname(img), exist_ok=True)
@@ -348,11 +465,14 @@ def main() -> None:
         "`(batch, seq, d_model)` activation after attention and one after the MLP in the",
         "forward pass, and one of each input gradient in the backward pass: `4 x layers x",
         "activation bytes`. The DP reduction under TP: each device's gradient shards once.",
-        "ZeRO-3: each split parameter gathered whole once, each whole gradient reduce-scattered",
-        "once (HLO bytes of a reduce-scatter are its operand), and an all-reduce of the small",
-        "replicated leaves' gradients and the loss.",
+        "ZeRO-3, a block at a time: each split block parameter gathered whole twice (the",
+        "forward pass, and the backward pass, which gathers the block again under",
+        "`jax.checkpoint` instead of keeping it), the other split parameters once, each whole",
+        "gradient reduce-scattered once (HLO bytes of a reduce-scatter are its operand), and",
+        "an all-reduce of the small replicated leaves' gradients and the loss. A collective in",
+        "the loop body of the scan over the blocks counts once per iteration.",
         "",
-        "| configuration | collective | HLO bytes | minimum | ratio |",
+        "| configuration | collective | HLO bytes per step | minimum | ratio |",
         "|---|---|---|---|---|",
     ]
     for name, kind, got, minimum in comm:
@@ -378,10 +498,11 @@ def main() -> None:
         ],
         "",
         "Leaves under 1024 elements (biases, layer norms, Adam's count) stay replicated, so",
-        "ZeRO-3's share is a little above 1/8 = 0.125. The gather is written at the top of",
-        "the step, so temp memory holds the whole parameters and gradients during it (not one",
-        "layer at a time); ZeRO-1 keeps whole parameters and splits Adam's moments.",
+        "ZeRO-3's share is a little above 1/8 = 0.125. ZeRO-3 gathers a block at a time",
+        "(below), so its temp memory holds one block's whole parameters, not the model's;",
+        "ZeRO-1 keeps whole parameters and splits Adam's moments.",
         "",
+        *fsdp_layer_lines(depth_mlp, depth_gpt),
         "## Pipeline schedules",
         "",
         "Time first. The executor runs a schedule as ticks of one SPMD program with a",
@@ -476,13 +597,27 @@ def main() -> None:
         f"{ckpt['mib'] / ckpt['restore']['orbax']:.0f} | "
         f"{ckpt['restore']['orbax'] / ckpt['restore']['titanax']:.2f} |",
         "",
-        "Titanax adds to Orbax's restore a read of its JSON metadata and a check of the tree",
-        "(about 1 ms); any larger gap in one run is the disk: the same call varies by tens",
-        "of percent from round to round on this machine.",
+        "Titanax adds to Orbax's save the checksums of the leaves, and to its restore a read",
+        "of its JSON metadata, a check of the tree (about 1 ms) and the verification of the",
+        "checksums (table below); beyond those, a gap in one run is the disk: the same call",
+        "varies by tens of percent from round to round on this machine.",
         "",
         f"Asynchronous save: `save()` blocked the loop {ckpt['blocked_s']:.2f} s of the "
         f"{ckpt['total_s']:.2f} s the write took; {ckpt['steps']} training steps ran meanwhile "
         f"({(ckpt['total_s'] - ckpt['blocked_s']) / ckpt['total_s']:.0%} hidden).",
+        "",
+        "Every save computes a checksum of each leaf's global value on the devices, and every",
+        "restore verifies them unless `verify=False` (same layout, median of 5 rounds):",
+        "",
+        "| state | save s | of which checksums s | restore s | restore, verify=False s |"
+        " verification cost |",
+        "|---|---|---|---|---|---|",
+        *[
+            f"| {r['mib']:.0f} MiB, `data=4 x model=2` | {r['save']:.3f} | {r['checksums']:.3f} | "
+            f"{r['verified']:.3f} | {r['unverified']:.3f} | "
+            f"{r['verified'] / r['unverified'] - 1:+.0%} |"
+            for r in sums
+        ],
         "",
         "## On an accelerator",
         "",
