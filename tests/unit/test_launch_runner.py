@@ -12,7 +12,8 @@ import pytest
 import titanax as tx
 from titanax.distributed.progress import COUNTER
 from titanax.launch import runner
-from titanax.launch.runner import _Output, _Signals
+from titanax.launch.output import Output as _Output
+from titanax.launch.runner import _Signals
 
 GLOO = (
     "[Gloo] Rank {} is connected to 7 peer ranks. Expected number of connected peer ranks is : 7\n"
