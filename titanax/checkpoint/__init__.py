@@ -13,9 +13,14 @@ forward (a save that Orbax would skip is an error, `Manager.delete` rolls back);
 steps still being written are not listed; missing or damaged files are an error
 that names the step and the one to restore instead; Python scalars and strings
 are saved and restored exactly.
+
+Other frameworks' checkpoints come in through `titanax.checkpoint.safetensors`: a
+safetensors file's tensors, transposed, stacked or re-ordered lazily, read straight into
+sharded arrays, each device reading only its own shard.
 """
 
+from titanax.checkpoint import safetensors  # tx.checkpoint.safetensors.Reader, .to_array
 from titanax.checkpoint.leaves import abstract
 from titanax.checkpoint.manager import Manager
 
-__all__ = ["Manager", "abstract"]
+__all__ = ["Manager", "abstract", "safetensors"]
