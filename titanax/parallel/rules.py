@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -27,6 +27,9 @@ __all__ = [
     "Rules",
     "megatron_mlp",
     "megatron_attention",
+    "llama",
+    "gpt2",
+    "bert",
     "spec_problem",
     "spec_axes",
     "bytes_per_device",
@@ -98,10 +101,18 @@ class Rules:
 
     Args:
       *rules: ``(pattern, PartitionSpec)`` pairs, tried in order.
+      notes: lines that say what the rules decided and why (a ready-made set
+        explains a choice the user should know of); `explain` prints them
+        under its table. They do not change any spec, nor ``==``.
+      axis_sizes: the mesh axis sizes the rules were written for, when their
+        choice depends on them (``{"model": 4}``); `specs` with a mesh
+        whose sizes differ is an error rather than a layout built for
+        another mesh.
 
     Raises:
-      RuleError: a rule that is not a ``(str, PartitionSpec)`` pair, or a
-        pattern that is not a valid regular expression.
+      RuleError: a rule that is not a ``(str, PartitionSpec)`` pair, a
+        pattern that is not a valid regular expression, or an axis size
+        that is not a positive int.
 
     Examples:
       >>> import jax.numpy as jnp, titanax as tx
@@ -122,7 +133,12 @@ class Rules:
       up/kernel    (16, 64)  P(None, 'model')  1.0 KiB
     """
 
-    def __init__(self, *rules: tuple[str, PartitionSpec]):
+    def __init__(
+        self,
+        *rules: tuple[str, PartitionSpec],
+        notes: Sequence[str] = (),
+        axis_sizes: Mapping[str, int] | None = None,
+    ):
         checked = []
         for i, rule in enumerate(rules):
             if not (isinstance(rule, tuple) and len(rule) == 2 and isinstance(rule[0], str)):
@@ -144,6 +160,16 @@ class Rules:
                 ) from None
             checked.append((compiled, spec))
         self._rules: tuple[tuple[re.Pattern[str], PartitionSpec], ...] = tuple(checked)
+        if isinstance(notes, str):
+            notes = (notes,)
+        self.notes: tuple[str, ...] = tuple(dict.fromkeys(str(n) for n in notes))
+        sizes = dict(axis_sizes or {})
+        for name, size in sizes.items():
+            if not (isinstance(size, int) and not isinstance(size, bool) and size >= 1):
+                raise RuleError(
+                    f"tx.Rules: axis_sizes[{name!r}] must be a positive int, got {size!r}."
+                )
+        self.axis_sizes: dict[str, int] = sizes
 
     def __iter__(self) -> Iterator[tuple[str, PartitionSpec]]:
         return ((p.pattern, s) for p, s in self._rules)
@@ -155,10 +181,26 @@ class Rules:
         return "Rules(" + ", ".join(f"({p!r}, {s})" for p, s in self) + ")"
 
     def __add__(self, other: Rules) -> Rules:
-        """The rules of ``self``, then those of ``other`` (first match still wins)."""
+        """The rules of ``self``, then those of ``other`` (first match still wins).
+
+        Notes and axis sizes are kept from both; two different sizes for one axis
+        are an error.
+        """
         if not isinstance(other, Rules):
             return NotImplemented
-        return Rules(*self, *other)
+        for name in self.axis_sizes.keys() & other.axis_sizes.keys():
+            if self.axis_sizes[name] != other.axis_sizes[name]:
+                raise RuleError(
+                    f"tx.Rules: cannot add rules written for {name}={self.axis_sizes[name]} "
+                    f"to rules written for {name}={other.axis_sizes[name]}: build both for "
+                    "the mesh you run on."
+                )
+        return Rules(
+            *self,
+            *other,
+            notes=self.notes + other.notes,
+            axis_sizes={**self.axis_sizes, **other.axis_sizes},
+        )
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, Rules) and tuple(self) == tuple(other)
@@ -194,6 +236,8 @@ class Rules:
           RuleError: listing every leaf that matches no rule, and every leaf
             whose spec does not fit its shape or the mesh.
         """
+        if mesh is not None:
+            self._check_axis_sizes(mesh, where)
         leaves, treedef = jax.tree_util.tree_flatten(tree)
         unmatched, misfits, out = [], [], []
         for (path, leaf), _ in zip(leaves_with_paths(tree), leaves):
@@ -206,8 +250,29 @@ class Rules:
                 misfits.append(f"{path}  shape {shape}: {problem}")
             out.append(spec)
         if unmatched or misfits:
-            raise RuleError(self._message(where, what, unmatched, misfits, mesh))
+            message = self._message(where, what, unmatched, misfits, mesh)
+            if self.notes:  # a ready-made set's notes often say what to change
+                message += "\nNotes of these rules:\n" + bullets(list(self.notes), len(self.notes))
+            raise RuleError(message)
         return jax.tree_util.tree_unflatten(treedef, out)
+
+    def _check_axis_sizes(self, mesh: Mesh, where: str) -> None:
+        wrong = [
+            f"{name}={size} (the mesh has {name}={mesh.shape[name]})"
+            for name, size in self.axis_sizes.items()
+            if name in mesh.shape and mesh.shape[name] != size
+        ]
+        if wrong:
+            name = next(
+                n
+                for n in self.axis_sizes
+                if mesh.shape.get(n, self.axis_sizes[n]) != self.axis_sizes[n]
+            )
+            raise RuleError(
+                f"{where}: these rules were built for {', '.join(wrong)}, and their layout "
+                f"depends on that size. Build them for this mesh (the ready-made sets take "
+                f'axis_size=mesh.shape["{name}"]).'
+            )
 
     @staticmethod
     def _message(
@@ -255,7 +320,10 @@ class Rules:
         specs = jax.tree_util.tree_leaves(
             self.specs(tree, mesh), is_leaf=lambda s: isinstance(s, PartitionSpec)
         )
-        return layout_table(leaves_with_paths(tree), specs, mesh)
+        report = layout_table(leaves_with_paths(tree), specs, mesh)
+        if not self.notes:
+            return report
+        return Report(report + "\nnotes:\n" + bullets(list(self.notes), limit=len(self.notes)))
 
 
 def layout_table(
@@ -353,3 +421,8 @@ def megatron_attention(
         (rf"{out}/kernel$", PartitionSpec(axis, None)),
         (rf"{out}/bias$", PartitionSpec()),
     )
+
+
+# The Hugging Face rule sets live in their own module; re-exported here so that users write
+# tx.rules.llama(...). Imported last: model_rules imports Rules from this module.
+from titanax.parallel.model_rules import bert, gpt2, llama  # noqa: E402
