@@ -344,6 +344,66 @@ def fsdp_layer_lines(mlp: dict, gpt: dict) -> list[str]:
     return lines + [""]
 
 
+def tp_fusion_lines(rows: list[dict]) -> list[str]:
+    """The report's section on a Llama layer's projections under TP (`bench_tp_fusion`)."""
+    from tests.benchmarks import bench_tp_fusion as b
+
+    c = b.CFG
+    names = {
+        "separate": "separate q, k, v, gate, up: 5 matmuls",
+        "stacked": "separate parameters, kernels stacked in the model: 2 matmuls",
+        "interleaved": "fused parameters (Megatron's interleaved qkv, gate_up): 2 matmuls",
+    }
+    lines = [
+        "## Tensor parallelism of a Llama layer: separate and fused projections",
+        "",
+        "Bytes per device, per layer and step, of the collectives over `model` in the compiled",
+        "HLO of `value_and_grad` of a Llama-style decoder layer under `tensor_parallel`",
+        f"(`tests/benchmarks/bench_tp_fusion.py`: RMSNorm, RoPE, SwiGLU; d_model {c.d_model},"
+        f" {c.heads} query heads of {c.head_dim}, hidden {c.hidden}, {c.seq} positions, a global"
+        f" batch of {c.batch}, {c.layers} layers; float32), against Megatron's minimum (Shoeybi"
+        " et al. 2019, Sec. 3): 4 all-reduces of the per-replica `(batch, seq, d_model)`"
+        " activation per layer (after attention and after the MLP forward, before each"
+        " backward). Activation: all-reduces of that shape; other: every other collective over"
+        " `model`. Error: the largest gradient difference from the unsharded layer with"
+        " separate projections, relative to each leaf's largest entry.",
+        "",
+        "| projections | KV heads | mesh | activation all-reduces | activation bytes |"
+        " other bytes | total | minimum | ratio | error |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        kv = f"{r['kv_heads']}" + (" (k/v replicated)" if r["kv_heads"] % 4 else "")
+        lines.append(
+            f"| {names[r['variant']]} | {kv} | `{r['mesh']}` | "
+            f"{r['activation_all_reduces']:g} | {r['activation_bytes']:,} | "
+            f"{r['other_bytes']:,} | {r['bytes']:,} | {r['minimum']:,} | "
+            f"{r['bytes'] / r['minimum']:.2f} | {r['grad_error']:.1e} |"
+        )
+    lines += [
+        "",
+        "Why separate projections cost more: each of q, k, v (and gate, up) is a matmul whose",
+        "input gradient `dy @ W.T` contracts the split dimension, so the SPMD partitioner ends",
+        "each with its own all-reduce of a `(batch, seq, d_model)` partial sum, and the sum of",
+        "the three (two) comes after them: 7 activation all-reduces a layer when the KV heads",
+        "are split. XLA:CPU's `cpu-all-reduce-combiner` then merges independent ones into",
+        "tuple all-reduces (fewer ops, the same bytes). The pass that would rewrite",
+        "`add(all-reduce(a), all-reduce(b))` into `all-reduce(add(a, b))`",
+        "(`AllReduceReassociate`) is not in jaxlib 0.10.2's CPU pipeline, and no flag turns it",
+        "on. Stacking the kernels on a head (or hidden) axis that is split the same way for",
+        "each makes one matmul, hence one input-gradient partial sum and one all-reduce; the",
+        "stacking is local, so it costs no communication. With fewer KV heads than devices",
+        "each KV head's kernel is repeated to one copy per device before the stack: the",
+        "activations cost the minimum, and the copies' gradients are summed (the other",
+        "bytes), a cost of the k/v kernels' size, independent of batch and sequence.",
+        "Separate, with k and v replicated, XLA picks its own way for k and v (partial sums of",
+        "their attention gradients, all-gathers of their activations or kernels), and not the",
+        "same one on the two meshes.",
+        "",
+    ]
+    return lines
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--gpu", action="store_true", help="also measure on the accelerators")
@@ -352,7 +412,13 @@ def main() -> None:
     _setup(args.gpu)
     import jax
 
-    from tests.benchmarks import bench_checkpoint, bench_fsdp_layers, bench_overhead, bench_pipeline
+    from tests.benchmarks import (
+        bench_checkpoint,
+        bench_fsdp_layers,
+        bench_overhead,
+        bench_pipeline,
+        bench_tp_fusion,
+    )
 
     start = time.perf_counter()
     dp = bench_overhead.measure_dp()
@@ -363,6 +429,7 @@ def main() -> None:
     pp = bench_overhead.measure_pp()
     fsdp = bench_overhead.measure_fsdp()
     comm = communication()
+    fusion = bench_tp_fusion.table()
     memory = fsdp_memory()
     depth_mlp, depth_gpt = bench_fsdp_layers.measure_mlp(), bench_fsdp_layers.measure_gpt()
     merged = bench_fsdp_layers.measure_mlp(layers=(8,), names=bench_fsdp_layers.PYTHON_LOOP)
@@ -483,6 +550,7 @@ def main() -> None:
         "separate q, k, v projections XLA all-reduced the three input-gradient partial sums",
         "separately in the backward pass (measured ratio 1.50 under `model` before the change).",
         "",
+        *tp_fusion_lines(fusion),
         "## Fully sharded data parallelism: memory",
         "",
         "GPT 2 layers x 128 with Adam on `data=8`: the state's bytes in all, the bytes device 0",
