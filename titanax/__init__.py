@@ -36,6 +36,7 @@ from titanax.errors import (
 )
 from titanax.mesh import mesh
 from titanax.parallel import rules, schedules  # tx.rules.megatron_mlp, tx.schedules.get
+from titanax.parallel.attention import ring_attention, ulysses_attention
 from titanax.parallel.collectives import (
     all_gather,
     all_to_all,
@@ -47,6 +48,7 @@ from titanax.parallel.collectives import (
     psum,
     psum_scatter,
 )
+from titanax.parallel.context_parallel import context_gather, context_parallel, context_positions
 from titanax.parallel.data_parallel import data_parallel
 from titanax.parallel.fully_sharded import (
     clip_by_global_norm,
@@ -79,6 +81,7 @@ __all__ = [
     "tensor_parallel",
     "pipeline",
     "fully_sharded",
+    "context_parallel",
     "ParallelFunction",
     "Plan",
     # meshes, layouts, schedules
@@ -115,6 +118,11 @@ __all__ = [
     "lars",
     "normalize_by_update_norm",
     "register_whole_leaf_transform",
+    # what a context_parallel body writes
+    "ring_attention",
+    "ulysses_attention",
+    "context_positions",
+    "context_gather",
     # state, checkpoints, data
     "TrainState",
     "checkpoint",
