@@ -21,7 +21,13 @@ from titanax._util import bullets, count, leaves_with_paths, shape_of
 from titanax.errors import PlanError
 from titanax.parallel.claims import Claim, collecting
 from titanax.parallel.collectives import bind_axes
-from titanax.parallel.outputs import check_reduced, check_stray_shards, output_layout
+from titanax.parallel.outputs import (
+    OutputLayout,
+    check_reduced,
+    check_stray_shards,
+    output_layout,
+    top_level,
+)
 from titanax.parallel.plan import Plan, _is_spec, _restrict, _spec_leaves
 from titanax.parallel.rules import spec_axes
 from titanax.parallel.varying import varying_axes
@@ -173,7 +179,7 @@ class Entry:
                 raise OtherShapes
             with jax.sharding.use_abstract_mesh(self.cmesh.abstract_mesh):
                 out = smap(restricted, replay)(*global_args) if manual else replay(*global_args)
-                return _pin_auto(out, layout.specs, self.cmesh, plan, self.claimed)
+                return _pin_auto(out, layout, self.cmesh, plan, self.claimed)
 
         self._jitted = jax.jit(
             outer,
@@ -371,23 +377,33 @@ def _local(aval: jax.ShapeDtypeStruct, spec: PartitionSpec, mesh: Mesh) -> jax.S
 
 
 def _pin_auto(
-    out: Any, out_specs: Any, mesh: Mesh, plan: Plan, claimed: frozenset[str] = frozenset()
+    out: Any, layout: OutputLayout, mesh: Mesh, plan: Plan, claimed: frozenset[str] = frozenset()
 ) -> Any:
     """Pins output layouts along the global-view (``Auto``) axes.
 
-    Outputs that take no argument's layout are left where XLA's propagation puts them
-    along those axes (they are global arrays either way): pinning them replicated
+    An output that takes an argument's layout (the new state) is pinned to it whole,
+    replicated leaves (``P()``) included: left to XLA's propagation, a leaf its rule
+    replicates could come back split along ``model``, and the next call would lay it out
+    again. Outputs that take no argument's layout are left where XLA's propagation puts
+    them along those axes (they are global arrays either way): pinning them replicated
     would add gathers the user never asked for.
     """
     auto = frozenset(layer.axis for layer in plan.layers if not layer.manual) | claimed
+    if not auto:
+        return out
 
-    def pin(x: Any, spec: PartitionSpec) -> Any:
-        if not set(spec_axes(spec)) & auto:
+    def pin(x: Any, spec: PartitionSpec, state: bool) -> Any:
+        if not state and not set(spec_axes(spec)) & auto:
             return x
         # The whole spec: outside the shard_map, an axis it leaves out means "replicated".
         return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
 
-    return out if not auto else jax.tree.map(pin, out, out_specs)
+    parts, spec_parts = top_level(out), top_level(layout.specs)
+    pinned = tuple(
+        jax.tree.map(lambda x, s, state=src is not None: pin(x, s, state), part, specs)
+        for part, specs, src in zip(parts, spec_parts, layout.sources)
+    )
+    return pinned if isinstance(out, tuple) else pinned[0]
 
 
 class OtherShapes(Exception):
