@@ -256,3 +256,34 @@ def test_register_a_transform_of_your_own(monkeypatch):
         step().lower(state, batch())
     with pytest.raises(tx.PlanError, match="a state type or a function"):
         tx.register_whole_leaf_transform(3, why="?")
+
+
+@pytest.mark.parametrize(
+    "optimizer",
+    [lambda axis: tx.clip_by_global_norm(1e-3, **axis), lambda axis: tx.lamb(1e-3, **axis)],
+    ids=["clip_by_global_norm", "lamb"],
+)
+def test_a_norm_over_another_axis_than_the_state_s_is_an_error(optimizer):
+    """Under fully_sharded(axis="fsdp"), a norm left at its default axis ("data") would take
+    each device's shards for whole leaves: an error naming the axis to pass, not a norm of
+    shards (found by the Llama example's fsdp configs)."""
+    mesh = tx.mesh(fsdp=8)
+
+    def step(state, b):
+        loss, g = jax.value_and_grad(loss_fn)(tx.gather_params(state.params, "fsdp"), b)
+        return state.apply_gradients(tx.scatter_grads(g, "fsdp")), tx.pmean(loss, "fsdp")
+
+    def run(opt):
+        state = tx.TrainState.create(params(), opt)
+        return tx.fully_sharded(step, axis="fsdp", mesh=mesh, min_size=1)(state, batch())
+
+    with pytest.raises(tx.errors.CollectiveError, match=r"axis='data'.*Pass axis='fsdp'"):
+        run(optimizer({}))
+    new, _ = run(optimizer({"axis": "fsdp"}))
+    want, _ = jax.jit(_one_device)(tx.TrainState.create(params(), optimizer({})), batch())
+    np.testing.assert_allclose(new.params["w1"], want.params["w1"], rtol=2e-5, atol=1e-6)
+
+
+def _one_device(state, b):
+    loss, g = jax.value_and_grad(loss_fn)(state.params, b)
+    return state.apply_gradients(g), loss

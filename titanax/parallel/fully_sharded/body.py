@@ -12,7 +12,7 @@ import optax
 from titanax._util import shape_of
 from titanax.errors import CollectiveError
 from titanax.parallel import collectives as c
-from titanax.parallel.fully_sharded.layouts import Leaf, active, layout_of
+from titanax.parallel.fully_sharded.layouts import Leaf, active_or_whole, layout_of
 from titanax.parallel.plan import _restrict
 from titanax.parallel.rules import spec_axes
 
@@ -192,7 +192,7 @@ def global_norm(tree: Any, axis: str = "data") -> jax.Array:
     replicated leaves are counted once. Outside a ``fully_sharded`` body
     nothing is split and this is ``optax.tree.norm(tree)``.
     """
-    if active(axis) is None:
+    if active_or_whole("global_norm", axis) is None:
         return optax.tree.norm(tree)
     split_leaf = [
         leaf.holds_shard(shape_of(x))

@@ -82,6 +82,25 @@ def active(axis: str) -> Registry | None:
     return next((r for r in reversed(_ACTIVE.get()) if r.axis == axis), None)
 
 
+def active_or_whole(fn: str, axis: str) -> Registry | None:
+    """`active` for helpers that are exact on whole values too (norms): ``None`` where no
+    ``fully_sharded`` body is traced, and an error where one is traced over another axis,
+    since the shards along that axis would be taken for whole leaves.
+
+    Raises:
+      CollectiveError: a ``fully_sharded`` body over another axis is being traced.
+    """
+    reg = active(axis)
+    others = sorted({r.axis for r in _ACTIVE.get()} - {axis})
+    if reg is None and others:
+        raise CollectiveError(
+            f"tx.{fn}: axis={axis!r}, but the state is split along {others[0]!r} "
+            f"(the step is traced under tx.fully_sharded(axis={others[0]!r})): the norm would "
+            f"take each device's shards for whole leaves. Pass axis={others[0]!r}."
+        )
+    return reg
+
+
 @contextlib.contextmanager
 def registered(registry: Registry) -> Iterator[None]:
     """Makes ``registry`` known to the helpers while a body is traced."""

@@ -22,7 +22,7 @@ from titanax._util import shape_of
 from titanax.errors import PlanError
 from titanax.parallel import collectives as c
 from titanax.parallel.fully_sharded.body import global_norm
-from titanax.parallel.fully_sharded.layouts import active, layout_of
+from titanax.parallel.fully_sharded.layouts import active_or_whole, layout_of
 
 __all__ = ["leaf_norms", "scale_by_trust_ratio", "lamb", "lars", "normalize_by_update_norm"]
 
@@ -38,7 +38,7 @@ def _sq_norms(fn: str, trees: Sequence[Any], axis: str) -> list[list[jax.Array]]
         ]
         for xs in leaves
     ]
-    if active(axis) is None:  # nothing is split: optax's norms
+    if active_or_whole(fn, axis) is None:  # nothing is split: optax's norms
         return sums
     shard = [
         [a.holds_shard(shape_of(x)) for x, a in zip(xs, layout_of(fn, t, axis))]
