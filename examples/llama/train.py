@@ -4,7 +4,7 @@ ZeRO-3 (fsdp), tensor parallel (model), pipeline (stage), and their compositions
     python examples/llama/train.py                                  # config.yaml: data=8
     python examples/llama/train.py --config examples/llama/configs/fsdp_tp.yaml
     python examples/llama/train.py --mesh data=2,stage=4 --steps 50
-    python examples/llama/train.py --quick true                     # tiny model, few steps
+    python examples/llama/train.py --quick                          # tiny model, few steps
 
 Settings come from ``config.yaml`` beside this file (or ``--config FILE``), overridden by
 ``--set key=value`` or ``--key value`` (model sizes: ``--set model.hidden_size=512``).
@@ -33,7 +33,11 @@ from examples.llama.model import LlamaConfig
 class Config:
     """The example's settings; ``config.yaml`` beside this file holds the defaults."""
 
-    model: LlamaConfig = dataclasses.field(default_factory=LlamaConfig)
+    model: LlamaConfig = dataclasses.field(
+        default_factory=lambda: LlamaConfig(
+            hidden_size=128, intermediate_size=352, num_key_value_heads=2
+        )
+    )
     """Model sizes, with Hugging Face's config.json names (hf_checkpoint's config wins)."""
     mesh: str = "data=8"
     """Axis sizes name=size joined by commas; axes data, fsdp (ZeRO-3), model (tensor), stage (pipeline)."""
@@ -45,7 +49,7 @@ class Config:
     """Global batch of one update, in sequences of seq_len + 1 tokens (split into `accumulate` calls)."""
     seq_len: int = 128
     """Context length, in tokens."""
-    lr: float = 1e-3
+    lr: float = 3e-3
     """Peak learning rate of AdamW (linear warm-up, then cosine decay to lr / 10)."""
     warmup: int = 10
     """Warm-up updates."""
@@ -61,7 +65,7 @@ class Config:
     """Pipeline schedule (with a stage axis; one model stage per device): gpipe, 1f1b or zero_bubble."""
     microbatches: int = 4
     """Pipeline microbatches per call and replica."""
-    eval_every: int = 0
+    eval_every: int = 50
     """Evaluate every this many updates (0: at the end only)."""
     eval_batches: int = 4
     """Validation batches per evaluation (0: no evaluation)."""
@@ -249,16 +253,10 @@ def train(args: Config, mesh: Any) -> tuple[Any, list[float], float]:
 
 
 def configure(argv: list[str] | None) -> Config:
-    """The settings from the command line; a bare ``--quick`` means ``--quick true``."""
+    """The settings from the command line (a bare ``--quick``, a bool field, means true)."""
     from titanax.launch.config import from_argv
 
     argv = list(sys.argv[1:] if argv is None else argv)
-    argv = [
-        "--quick=true"
-        if a == "--quick" and (i + 1 == len(argv) or argv[i + 1].startswith("--"))
-        else a
-        for i, a in enumerate(argv)
-    ]
     args = from_argv(Config, argv, default=CONFIG, description=__doc__, exit_on_error=True)
     if args.quick:  # the preset wins over the file, not over what the command line says
         given = {a[2:].split("=")[0].replace("-", "_") for a in argv if a.startswith("--")}

@@ -96,7 +96,16 @@ def test_from_argv_shorthand():
         from_argv(Config, ["--steps"])
 
 
-@pytest.mark.parametrize("example", ["mnist_dp", "gpt_small_tp", "gpt_pipeline"])
+def test_a_bool_setting_alone_is_a_flag():
+    assert from_argv(Config, ["--resume"]).resume is True
+    assert from_argv(Config, ["--resume", "--steps", "3"]).resume is True
+    assert from_argv(Config, ["--resume", "false"]).resume is False
+    assert from_argv(Config, ["--resume=no"]).resume is False
+    with pytest.raises(tx.ConfigError, match="needs a value"):  # not a bool: still a value
+        from_argv(Config, ["--out"])
+
+
+@pytest.mark.parametrize("example", ["mnist_dp", "gpt_small_tp", "gpt_pipeline", "llama"])
 def test_example_configs_load(example):
     import importlib
 

@@ -11,7 +11,8 @@ A value is read as its field's declared type, never by YAML 1.1's guesses: a
 YAML 1.1 and Python read differently (``010``: octal 8 or decimal 10? ``1:30``:
 90, in base 60?) is an error that says how to write it. Numbers are read as
 Python reads them (``1_000``, ``0x10``, ``1e-3``, and YAML's ``.inf``); a
-``bool`` field takes ``true``/``false``, ``yes``/``no`` or ``on``/``off``.
+``bool`` field takes ``true``/``false``, ``yes``/``no`` or ``on``/``off``
+(on the command line, ``--name`` alone means true).
 A field typed ``Any`` takes a plain value only where YAML 1.1 and YAML 1.2
 agree on it; else quote it.
 
@@ -287,7 +288,7 @@ def from_argv(
         if "-h" in args or "--help" in args:
             print(_help(cls, prog, description, default), flush=True)
             raise SystemExit(0)
-        path, overrides = _parse(args, default)
+        path, overrides = _parse(args, default, _bool_fields(cls))
         return _load(cls, path, overrides)
     except ConfigError as e:
         if not exit_on_error:
@@ -296,8 +297,21 @@ def from_argv(
         raise SystemExit(2) from None
 
 
-def _parse(args: list[str], default: Any) -> tuple[Any, list[tuple[str, str]]]:
-    """``(config file, overrides)`` from the arguments; an override is ``(key=value, as typed)``."""
+def _bool_fields(cls: type) -> frozenset[str]:
+    """Names of the ``bool`` fields of a config dataclass: ``--name`` alone sets them true."""
+    try:
+        hints = typing.get_type_hints(cls)
+    except Exception:  # an annotation that cannot be resolved: no bare flags
+        return frozenset()
+    return frozenset(f.name for f in dataclasses.fields(cls) if hints.get(f.name) is bool)
+
+
+def _parse(
+    args: list[str], default: Any, flags: frozenset[str] = frozenset()
+) -> tuple[Any, list[tuple[str, str]]]:
+    """``(config file, overrides)`` from the arguments; an override is ``(key=value, as typed)``.
+
+    A ``bool`` field named in ``flags`` may be given alone (``--quick``): true."""
     path, overrides = default, []
     i = 0
     while i < len(args):
@@ -310,6 +324,8 @@ def _parse(args: list[str], default: Any) -> tuple[Any, list[tuple[str, str]]]:
         name, eq, inline = arg[2:].partition("=")
         if eq:
             value, typed = inline, arg
+        elif name.replace("-", "_") in flags and (i + 1 == len(args) or args[i + 1][:2] == "--"):
+            value, typed = "true", arg
         elif i + 1 < len(args):
             value, i = args[i + 1], i + 1
             typed = f"{arg} {value}"
