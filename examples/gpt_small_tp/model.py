@@ -8,6 +8,12 @@ as ``tx.rules.megatron_attention`` lays it out.
 The blocks are stacked: each leaf of ``params["h"]`` has a leading layer dimension, and
 `loss_fn` runs them with one ``lax.scan``. That is the layout ``tx.pipeline`` takes as stage
 rows, and the one ZeRO-3 needs to gather one block at a time (see `loss_fn`).
+
+The attention itself is pluggable: ``attend(q, k, v)`` on ``(batch, seq, heads, head_dim)``
+arrays (default `causal_attention`, on the whole sequence). Under ``tx.context_parallel``
+each device holds part of the sequence: pass ``tx.ring_attention`` or
+``tx.ulysses_attention`` as ``attend`` and the global positions of the local tokens
+(``tx.context_positions``) as ``positions``.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 Params = dict[str, Any]
+Attend = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,26 +89,34 @@ def dense(p: Params, x: jax.Array) -> jax.Array:
     return x @ p["kernel"] + p["bias"]
 
 
-def attention(p: Params, x: jax.Array, heads: int) -> jax.Array:
+def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+    """Causal softmax attention on the whole sequence; ``(batch, seq, heads, head_dim)``."""
+    t = q.shape[1]
+    scores = jnp.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(q.shape[-1])
+    causal = jnp.tril(jnp.ones((t, t), bool))
+    scores = jnp.where(causal, scores, jnp.finfo(scores.dtype).min)
+    return jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(scores, axis=-1), v)
+
+
+def attention(p: Params, x: jax.Array, heads: int, attend: Attend | None = None) -> jax.Array:
     b, t, d = x.shape
     qkv = jnp.einsum("btd,dke->btke", x, p["qkv"]["kernel"]) + p["qkv"]["bias"]
     q, k, v = (qkv[:, :, i].reshape(b, t, heads, d // heads) for i in range(3))
-    scores = jnp.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(d // heads)
-    causal = jnp.tril(jnp.ones((t, t), bool))
-    scores = jnp.where(causal, scores, jnp.finfo(scores.dtype).min)
-    out = jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(scores, axis=-1), v)
+    out = (attend or causal_attention)(q, k, v)
     return dense(p["proj"], out.reshape(b, t, d))
 
 
-def block(p: Params, x: jax.Array, heads: int) -> jax.Array:
+def block(p: Params, x: jax.Array, heads: int, attend: Attend | None = None) -> jax.Array:
     """One pre-norm transformer block; keeps the activation's shape (a pipeline stage)."""
-    x = x + attention(p["attn"], layer_norm(p["ln1"], x), heads)
+    x = x + attention(p["attn"], layer_norm(p["ln1"], x), heads, attend)
     h = jax.nn.gelu(dense(p["mlp"]["up"], layer_norm(p["ln2"], x)))
     return x + dense(p["mlp"]["down"], h)
 
 
-def embed(params: Params, tokens: jax.Array) -> jax.Array:
-    return params["wte"][tokens] + params["wpe"][: tokens.shape[1]]
+def embed(params: Params, tokens: jax.Array, positions: jax.Array | None = None) -> jax.Array:
+    """Token plus learned position embedding; ``positions`` default ``0 .. seq - 1``."""
+    pos = params["wpe"][: tokens.shape[1]] if positions is None else params["wpe"][positions]
+    return params["wte"][tokens] + pos
 
 
 def head_loss(params: Params, x: jax.Array, targets: jax.Array) -> jax.Array:
@@ -112,7 +127,11 @@ def head_loss(params: Params, x: jax.Array, targets: jax.Array) -> jax.Array:
 
 
 def blocks(
-    h: Params, x: jax.Array, heads: int, gather: Callable[[Params], Params] | None = None
+    h: Params,
+    x: jax.Array,
+    heads: int,
+    gather: Callable[[Params], Params] | None = None,
+    attend: Attend | None = None,
 ) -> jax.Array:
     """The stacked blocks ``h`` applied in order: one ``lax.scan`` over the layer dimension.
 
@@ -122,7 +141,7 @@ def blocks(
     """
 
     def layer(x: jax.Array, p: Params) -> tuple[jax.Array, None]:
-        return block(p if gather is None else gather(p), x, heads), None
+        return block(p if gather is None else gather(p), x, heads, attend), None
 
     x, _ = jax.lax.scan(layer if gather is None else jax.checkpoint(layer), x, h)
     return x
@@ -141,11 +160,32 @@ def loss_fn(
     ``tx.fully_sharded`` it is ``tx.gather_params`` with ``vjp="mean"``; ``None``: the
     parameters are whole already.
     """
+    return shifted_loss(params, tokens[:, :-1], tokens[:, 1:], cfg, gather)
+
+
+def shifted_loss(
+    params: Params,
+    inputs: jax.Array,
+    targets: jax.Array,
+    cfg: GPTConfig,
+    gather: Callable[[Params], Params] | None = None,
+    *,
+    attend: Attend | None = None,
+    positions: jax.Array | None = None,
+) -> jax.Array:
+    """Mean loss of predicting ``targets`` from ``inputs`` (both ``(batch, seq)``).
+
+    The form `loss_fn` takes once the sequence is split (``tx.context_parallel``): inputs
+    and targets are separate batch leaves of the same length, ``attend`` is the attention
+    across devices and ``positions`` the global positions of the local tokens. The loss
+    is the mean over the local tokens; averaged over the devices of the sequence axis it
+    is the mean over the whole sequence.
+    """
     rest = {k: v for k, v in params.items() if k != "h"}
     rest = rest if gather is None else gather(rest)
-    x = embed(rest, tokens[:, :-1])
-    x = blocks(params["h"], x, cfg.heads, gather)
-    return head_loss(rest, x, tokens[:, 1:])
+    x = embed(rest, inputs, positions)
+    x = blocks(params["h"], x, cfg.heads, gather, attend)
+    return head_loss(rest, x, targets)
 
 
 def corpus() -> np.ndarray:
