@@ -19,6 +19,7 @@ from titanax import (
     data,
     distributed,
     metrics,
+    moe,
     testing,
 )  # tx.checkpoint.Manager, tx.data.Loader, ...
 from titanax.errors import (
@@ -50,6 +51,7 @@ from titanax.parallel.collectives import (
 )
 from titanax.parallel.context_parallel import context_gather, context_parallel, context_positions
 from titanax.parallel.data_parallel import data_parallel
+from titanax.parallel.expert_parallel import expert_parallel
 from titanax.parallel.fully_sharded import (
     clip_by_global_norm,
     fully_sharded,
@@ -82,6 +84,7 @@ __all__ = [
     "pipeline",
     "fully_sharded",
     "context_parallel",
+    "expert_parallel",
     "ParallelFunction",
     "Plan",
     # meshes, layouts, schedules
@@ -123,6 +126,8 @@ __all__ = [
     "ulysses_attention",
     "context_positions",
     "context_gather",
+    # mixture of experts: routing, token exchange, auxiliary losses (tx.moe.route, ...)
+    "moe",
     # state, checkpoints, data
     "TrainState",
     "checkpoint",

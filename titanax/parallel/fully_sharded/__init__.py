@@ -125,7 +125,9 @@ def _enter(axis: str, shard: Shard, min_size: int, whole: tuple[int, ...]) -> Ca
             if i in batch or i in resolve_argnums(whole, len(avals)):
                 continue
             leaves = []
-            for (path, aval), spec in zip(leaves_with_paths(tree), _spec_leaves(spec_tree)):
+            for (path, aval), spec, seen in zip(
+                leaves_with_paths(tree), _spec_leaves(spec_tree), jax.tree.leaves(local)
+            ):
                 stored = [
                     d
                     for d, e in enumerate(spec)
@@ -136,7 +138,12 @@ def _enter(axis: str, shard: Shard, min_size: int, whole: tuple[int, ...]) -> Ca
                     if stored
                     else split_dim(aval.shape, _restrict(spec, others), size, min_size)
                 )
-                leaves.append(Leaf(path, aval.shape, dim, bool(stored), size, spec))
+                # The shape as the body sees it along the other manual axes (experts split
+                # along `expert` arrive as (experts / N, ...)), whole along this one.
+                shape = list(shape_of(seen))
+                if stored:
+                    shape[stored[0]] *= size
+                leaves.append(Leaf(path, tuple(shape), dim, bool(stored), size, spec))
             states.append(jax.tree.unflatten(jax.tree.structure(tree), leaves))
             state_args.append((i, tree))
             for x, leaf in zip(jax.tree.leaves(local), leaves):
