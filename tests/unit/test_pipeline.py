@@ -452,3 +452,97 @@ def test_pipeline_claims_the_stage_axis_for_stage_params_and_their_moments(name,
     new, _ = step(state, (x, t))  # donates state
     assert_matches(jax.tree.map(lambda a, b: a - b, new.params, before), want, rtol=1e-4)
     assert new.params["stages"]["w"].sharding.spec == P("stage")
+
+
+# Collectives over an outer manual axis inside a stage. The stage runs inside the
+# executor's per-tick switch, which only one stage's devices take; a plain ppermute there
+# met the pipeline's own permute in XLA:CPU's rendezvous and gave wrong values (loss 12.0
+# against 15.6 on stage=2 x data=4, jaxlib 0.10.2).
+RING = [(i, (i + 1) % 4) for i in range(4)]
+
+
+def _mix(h):  # a per-replica hidden value mixed across the data replicas three ways
+    gathered = jnp.einsum("n...,n->...", tx.all_gather(h, "data"), jnp.arange(4.0))
+    return tx.ppermute(h, "data", RING) + tx.psum(h, "data") / 4 + 0.1 * gathered
+
+
+def _outer_problem(schedule, v):
+    mesh = tx.mesh(stage=2, data=4)
+    rng = np.random.default_rng(1)
+    sp = {"w": jnp.asarray(rng.normal(size=(2 * v, 4, 4)) * 0.5, jnp.float32)}
+    x, t = (jnp.asarray(rng.normal(size=(32, 4)) * s, jnp.float32) for s in (1.0, 3.0))
+
+    def mixed(p, x):
+        return x + 2.0 * _mix(jnp.tanh(x @ p["w"]))
+
+    mse = lambda _, y, t: jnp.mean((y - t) ** 2)  # noqa: E731
+    pipe = tx.pipeline(mixed, schedule=schedule, microbatches=4, loss=mse, virtual_stages=v)
+
+    @tx.data_parallel(axis="data", mesh=mesh, batch_argnums=(1, 2), donate=False)
+    def piped(sp, x, t):
+        value, (g, g_x, _) = pipe(sp, x, t)
+        return tx.pmean(value, "data"), tx.pmean(g, "data"), tx.all_gather(g_x, "data")
+
+    def seq(sp, x, t):  # the same stages in order, per microbatch, without the pipeline
+        def one(xm, tm):
+            for s in range(2 * v):
+                xm = mixed({"w": sp["w"][s]}, xm)
+            return mse(None, xm, tm)
+
+        return jnp.mean(jax.vmap(one)(x.reshape(4, -1, 4), t.reshape(4, -1, 4)))
+
+    @tx.data_parallel(axis="data", mesh=mesh, batch_argnums=(1, 2), donate=False)
+    def reference(sp, x, t):
+        value, (g, g_x) = jax.value_and_grad(seq, argnums=(0, 1))(sp, x, t)
+        return tx.pmean(value, "data"), tx.pmean(g, "data"), tx.all_gather(g_x, "data")
+
+    return piped(sp, x, t), reference(sp, x, t)
+
+
+SCHEDULES = [("gpipe", 1), ("1f1b", 1), ("interleaved_1f1b", 2), ("zero_bubble", 1)]
+
+
+@pytest.mark.parametrize("schedule, v", SCHEDULES, ids=[s for s, _ in SCHEDULES])
+def test_ppermute_psum_all_gather_over_an_outer_axis_inside_a_stage(schedule, v):
+    """Loss and every gradient equal the same stages run without the pipeline, in the same
+    data_parallel step (tx.ppermute inside a stage runs as an all_to_all)."""
+    got, want = _outer_problem(schedule, v)
+    assert abs(float(want[0]) - 1.0) > 0.1  # not a trivial loss
+    assert_matches(got, want)
+
+
+def test_plain_ppermute_or_a_collective_over_the_stage_axis_in_a_stage_is_an_error():
+    mesh = tx.mesh(stage=2, data=4)
+    sp, x, t, lp = problem(2, 4, rows=4)
+    ring = [(i, (i + 1) % 4) for i in range(4)]
+
+    def step_with(stage_fn, loss_fn=loss):
+        pipe = tx.pipeline(stage_fn, schedule="1f1b", microbatches=4, loss=loss_fn)
+
+        @tx.data_parallel(axis="data", mesh=mesh, batch_argnums=(2, 3), donate=False)
+        def step(sp, lp, x, t):
+            return tx.pmean(pipe(sp, x, t, lp)[0], "data")
+
+        return step
+
+    plain = step_with(lambda p, x: stage(p, jax.lax.ppermute(x, "data", ring)))
+    with pytest.raises(
+        tx.CollectiveError, match=r"the stage runs a plain ppermute over \('data',\).*tx.ppermute"
+    ):
+        plain(sp, lp, x, t)
+    looped = step_with(  # nested in a scan: found all the same
+        lambda p, x: jax.lax.fori_loop(0, 2, lambda i, h: jax.lax.ppermute(h, "data", ring), x)
+    )
+    with pytest.raises(tx.CollectiveError, match="plain ppermute"):
+        looped(sp, lp, x, t)
+    twice = step_with(lambda p, x: tx.ppermute(x, "data", [(0, 1), (2, 1)]))
+    with pytest.raises(tx.CollectiveError, match=r"perm=\[\(0, 1\), \(2, 1\)\] is not a perm"):
+        twice(sp, lp, x, t)
+    over_stage = step_with(lambda p, x: stage(p, x) + tx.psum(x, "stage"))
+    with pytest.raises(
+        tx.CollectiveError, match="tx.psum: axis 'stage' is the axis of the enclosing"
+    ):
+        over_stage(sp, lp, x, t)
+    bare_loss = lambda lp, y, t: jax.lax.pmean(loss(lp, y, t), "stage")  # noqa: E731
+    with pytest.raises(tx.CollectiveError, match=r"the loss runs pmean|the loss runs psum"):
+        step_with(stage, bare_loss)(sp, lp, x, t)

@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from titanax.errors import CollectiveError, PlanError
+from titanax.errors import PlanError
 from titanax.parallel import collectives as cx
 from titanax.parallel.context_parallel import _check_bound
 
@@ -329,8 +329,7 @@ def ring_attention(
       ``jax.nn.dot_product_attention`` gives these queries on the whole sequence.
 
     Raises:
-      CollectiveError: ``axis`` is not bound by `context_parallel`, or the call is
-        inside a `tx.pipeline` stage (not supported yet).
+      CollectiveError: ``axis`` is not bound by `context_parallel`.
       PlanError: shapes that do not fit (named), or an odd ``seq_local``.
 
     Examples:
@@ -345,14 +344,6 @@ def ring_attention(
       True
     """
     size = _check_bound("ring_attention", axis)
-    if any(b.transform == "pipeline" for b in cx.bound_axes()):
-        # Measured (jax 0.10.2): a ppermute over an outer manual axis inside a tx.pipeline
-        # stage computes wrong values; refuse rather than return them.
-        raise CollectiveError(
-            f"tx.ring_attention(axis={axis!r}) is called inside a tx.pipeline stage, where "
-            "a ppermute over an outer axis gives wrong values today. Use "
-            "tx.ulysses_attention in pipeline stages (tested there), or no pipeline."
-        )
     h, hk = _check_qkv("ring_attention", q, k, v)
     b, t, _, d = q.shape
     if t % 2:

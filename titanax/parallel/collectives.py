@@ -32,6 +32,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from titanax.errors import CollectiveError
 
@@ -100,6 +101,15 @@ def _check(fn: str, axis_name: AxisName) -> bool:
     """
     names = (axis_name,) if isinstance(axis_name, str) else tuple(axis_name)
     bound = {b.name: b for b in _BOUND.get()}
+    stage = pipeline_axis()
+    if stage in names and fn not in ("axis_index", "axis_size"):
+        raise CollectiveError(
+            f"tx.{fn}: axis {stage!r} is the axis of the enclosing tx.pipeline, and this "
+            "call is inside its stage or loss function: at each tick the devices along "
+            f"{stage!r} run different stages (or none), so a collective over {stage!r} "
+            "there would pair values of unrelated stages. The pipeline carries activations "
+            "between stages itself; reduce over the axis outside the pipe(...) call."
+        )
     trivial = all(n in bound and bound[n].manual and bound[n].size == 1 for n in names)
     for name in names:
         b = bound.get(name)
@@ -210,10 +220,66 @@ def psum_scatter(
 
 
 def ppermute(x: Any, axis_name: AxisName, perm: Sequence[tuple[int, int]]) -> Any:
-    """Sends ``x`` between members of ``axis_name`` by ``perm``; as `jax.lax.ppermute`."""
+    """Sends ``x`` between members of ``axis_name`` by ``perm``; as `jax.lax.ppermute`.
+
+    Inside a `tx.pipeline` stage or loss it runs as an ``all_to_all`` (same result and
+    gradient; see `_ppermute_in_stage`), where a plain ``jax.lax.ppermute`` gives wrong
+    values on XLA:CPU.
+    """
     if _check("ppermute", axis_name):
         return x if (0, 0) in [tuple(p) for p in perm] else jax.tree.map(jnp.zeros_like, x)
+    if pipeline_axis() is not None:  # inside a stage: see _ppermute_in_stage
+        return _ppermute_in_stage(x, axis_name, perm)
     return jax.lax.ppermute(x, axis_name, perm)
+
+
+def pipeline_axis() -> str | None:
+    """The axis of the innermost `tx.pipeline` whose stages are being traced (internal)."""
+    return next((b.name for b in reversed(_BOUND.get()) if b.transform == "pipeline"), None)
+
+
+def _ppermute_in_stage(x: Any, axis_name: AxisName, perm: Sequence[tuple[int, int]]) -> Any:
+    """``ppermute`` inside a pipeline stage, as an ``all_to_all`` (internal).
+
+    The stage runs inside the executor's per-tick ``lax.switch``, which only the
+    devices of one stage take. XLA:CPU meets every collective-permute of the
+    program in one rendezvous of all devices keyed by its channel id (jaxlib
+    0.10.2: every permute gets ``channel_id=1``), whatever its pairs: a stage's
+    permute met the other stage's pipeline permute and both moved the wrong data,
+    without an error (measured: loss 12.0 against 15.6), even with pairs kept
+    inside one stage. Grouped collectives rendezvous per group, and a group over
+    axes other than the pipeline axis never spans two stages. So the value goes
+    to its target in slot ``target`` of an ``all_to_all`` (zeros elsewhere): the
+    same result and gradient as ``ppermute``, for ``n - 1`` times its bytes and
+    an ``n``-slot buffer (``n`` the axis size).
+    """
+    names = (axis_name,) if isinstance(axis_name, str) else tuple(axis_name)
+    n = int(np.prod([jax.lax.axis_size(a) for a in names]))
+    target, source = np.full(n, -1, np.int32), np.full(n, -1, np.int32)
+    srcs, dsts = [int(a) for a, _ in perm], [int(b) for _, b in perm]
+    if (
+        len(set(srcs)) < len(srcs)
+        or len(set(dsts)) < len(dsts)
+        or not all(0 <= i < n for i in srcs + dsts)
+    ):
+        raise CollectiveError(
+            f"tx.ppermute over {axis_name!r}: perm={list(perm)!r} is not a permutation of "
+            f"members 0..{n - 1} (each source and each target at most once)."
+        )
+    for a, b in perm:
+        target[int(a)], source[int(b)] = int(b), int(a)
+    me = jax.lax.axis_index(names)
+    to, frm = jnp.asarray(target)[me], jnp.asarray(source)[me]
+    slots = jnp.arange(n)
+
+    def one(v: Any) -> Any:
+        mask = (slots == to).reshape(n, *([1] * v.ndim))
+        send = jnp.where(mask, v[None], jnp.zeros((), v.dtype))
+        got = jax.lax.all_to_all(send, names, 0, 0)  # got[j]: what member j sent here
+        picked = jax.lax.dynamic_index_in_dim(got, jnp.maximum(frm, 0), keepdims=False)
+        return jnp.where(frm >= 0, picked, jnp.zeros((), v.dtype))
+
+    return jax.tree.map(one, x)
 
 
 def all_to_all(

@@ -22,6 +22,7 @@ from jax.sharding import AbstractMesh, AxisType, Mesh, PartitionSpec
 from titanax._util import leaves_with_paths, shape_of
 from titanax.errors import ScheduleError
 from titanax.parallel.claims import claim
+from titanax.parallel.collectives import BoundAxis, bind_axes
 from titanax.parallel.pipeline.executor import executor as _executor
 from titanax.parallel.pipeline.tables import Tables, compile_tables
 from titanax.parallel.plan import context_mesh
@@ -83,6 +84,8 @@ def pipeline(
         at call time, ``stage_params`` with a number of rows other than the
         axis size times ``virtual_stages``, microbatches that do not divide
         the batch, or fewer microbatches than the schedule needs.
+      CollectiveError: at call time, a stage or loss function that runs a plain
+        ``jax.lax.ppermute`` (use `tx.ppermute`) or a collective over ``axis``.
 
     Examples:
       >>> import jax, jax.numpy as jnp, titanax as tx
@@ -312,7 +315,8 @@ def _check_leaves(
         lambda a: jax.ShapeDtypeStruct((shape_of(a)[0] // m, *shape_of(a)[1:]), jnp.result_type(a)),
         x,
     )
-    y = jax.eval_shape(stages, row, x_mb)
+    with bind_axes([BoundAxis(axis, "pipeline", True)]):  # as the executor traces it
+        y = jax.eval_shape(stages, row, x_mb)
     want = [(p, a.shape, a.dtype) for p, a in leaves_with_paths(x_mb)]
     got = [(p, a.shape, a.dtype) for p, a in leaves_with_paths(y)]
     same: bool = jax.tree.structure(y) == jax.tree.structure(x_mb)  # type: ignore[operator]

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from titanax.parallel.collectives import BoundAxis, bind_axes
+from titanax.parallel.pipeline.collectives import check
 from titanax.parallel.pipeline.split import StageVJP
 from titanax.parallel.pipeline.tables import (
     BWD,
@@ -81,9 +82,24 @@ def executor(
     m = s.microbatches
 
     def run(params: Any, xs: Any, targets: Any, loss_params: Any) -> Any:
+        # The stage and loss are traced with the axis bound (the probe of StageVJP too, whose
+        # VJP jaxpr B and W replay): tx.ppermute then runs as an all_to_all, and a plain
+        # ppermute or a collective over the pipeline axis is refused (.collectives).
+        with bind_axes([BoundAxis(axis, "pipeline", True, s.stages)]):
+            return traced(params, xs, targets, loss_params)
+
+    def traced(params: Any, xs: Any, targets: Any, loss_params: Any) -> Any:
         me = jax.lax.axis_index(axis)
         act = jax.tree.map(lambda a: jnp.zeros(a.shape[1:], a.dtype), xs)
         vjp = StageVJP(stage_fn, _index(params, 0), act)
+        check(jax.make_jaxpr(stage_fn)(_index(params, 0), act).jaxpr, axis, "the stage")
+        check(vjp.jaxpr, axis, "the stage's backward")
+        value_and_grad = jax.value_and_grad(loss_fn, argnums=(0, 1))
+        check(
+            jax.make_jaxpr(value_and_grad)(loss_params, act, _index(targets, 0)).jaxpr,
+            axis,
+            "the loss",
+        )
         # one stage per device: its parameters without a dynamic slice (a copy per tick)
         one_chunk = (lambda t: jax.tree.map(lambda a: a[0], t)) if s.virtual_stages == 1 else None
 
@@ -211,8 +227,7 @@ def executor(
             ),
             "loss": jnp.zeros((), jnp.float32),
         }
-        with bind_axes([BoundAxis(axis, "pipeline", True, s.stages)]):
-            carry, _ = jax.lax.scan(tick, carry, rows)
+        carry, _ = jax.lax.scan(tick, carry, rows)
 
         def mean(acc: Any, like: Any) -> Any:  # the microbatch mean, cast once
             return jax.tree.map(lambda a, o: (a / m).astype(o.dtype), acc, like)
