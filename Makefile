@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml
 	@touch $(STAMP)
 
 test: lint typecheck
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile  # two workers; a file stays on one (its fixtures run once)
 
 example: setup
 	$(BIN)/python examples/mnist_dp/train.py
