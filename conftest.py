@@ -32,3 +32,7 @@ try:  # property tests draw the same examples on every run: CI never flakes on a
     settings.load_profile("titanax")
 except ImportError:  # hypothesis is in the dev extra
     pass
+
+# tests/unit/data/ holds test data and the script that generated some of it (it needs torch
+# and transformers 4.x, which the project does not install): never collected as tests.
+collect_ignore_glob = ["tests/unit/data/*"]
