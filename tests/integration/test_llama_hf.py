@@ -288,7 +288,6 @@ def test_sharded_load_reads_only_each_devices_shard(tmp_path, monkeypatch):
     assert reader.elements_read == sum(a.size for a in t.values())
 
 
-@pytest.mark.skipif(not hasattr(tx.rules, "llama"), reason="tx.rules.llama not available")
 def test_sharded_load_with_the_llama_rule_set(tmp_path):
     """The shardings come from tx.rules.llama applied to the lazy tree (leaves have shapes)."""
     directory = write_checkpoint(tmp_path / "ckpt", GQA, hf_tensors(GQA))

@@ -19,6 +19,7 @@ Needs the ``safetensors`` package (``pip install titanax[hf]``).
 
 from __future__ import annotations
 
+import abc
 import itertools
 import json
 import os
@@ -218,7 +219,7 @@ def _files(path: str) -> tuple[list[str], dict[str, str] | None]:
     return files, None
 
 
-class LazyTensor:
+class LazyTensor(abc.ABC):
     """A tensor of a checkpoint, or a transform of some, that is read only when indexed.
 
     ``tensor[index]`` (slices, integers, ``...``) returns a numpy array and reads from the
@@ -228,8 +229,9 @@ class LazyTensor:
     shape: tuple[int, ...]
     dtype: np.dtype
 
+    @abc.abstractmethod
     def _read(self, index: Index) -> np.ndarray:  # positions along each axis -> outer product
-        raise NotImplementedError
+        """The elements at the outer product of ``index``'s positions, read from the files."""
 
     def __getitem__(self, index: Any) -> np.ndarray:
         index = index if isinstance(index, tuple) else (index,)
