@@ -18,6 +18,7 @@ from titanax import (
     checkpoint,
     data,
     distributed,
+    extend,
     metrics,
     moe,
     testing,
@@ -135,6 +136,8 @@ __all__ = [
     "distributed",
     "metrics",
     "testing",
+    # writing a transform: titanax.extend.Layer and apply_layer
+    "extend",
     # errors
     "TitanaxError",
     "MeshError",

@@ -12,21 +12,26 @@ RoPE and for masks), and `context_gather` returns per-token values in the user's
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
-import functools
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, overload
 
 import jax
 import jax.numpy as jnp
-from jax.sharding import Mesh, PartitionSpec
+from jax.sharding import Mesh
 
-from titanax._util import bullets, count, leaves_with_paths, shape_of
 from titanax.errors import CollectiveError, PlanError
+from titanax.extend import (
+    ArgInfo,
+    Layer,
+    LayoutHook,
+    ParallelFunction,
+    PrepareHook,
+    TraceInfo,
+    apply_layer,
+    replicate,
+    split_batch,
+)
 from titanax.parallel import collectives as cx
-from titanax.parallel.function import ParallelFunction, apply_layer
-from titanax.parallel.plan import ArgInfo, Layer, check_axis, normalize_argnums
 
 __all__ = ["context_parallel", "context_positions", "context_gather", "chunk_order"]
 
@@ -159,68 +164,34 @@ def _balance(x: jax.Array, axis: str, size: int, dim: int) -> jax.Array:
     return jnp.concatenate([first, second], axis=dim)
 
 
-def _layout(axis: str, seq_dim: int) -> Callable[[Any, ArgInfo], Any]:
-    """Batches split on ``seq_dim`` along ``axis``; everything else replicated."""
-    where = f"context_parallel(axis={axis!r}, seq_dim={seq_dim})"
+def _layout(axis: str, seq_dim: int) -> LayoutHook:
+    """Batches split on ``seq_dim`` along ``axis`` (two chunks a device); the rest replicated."""
+    fix = (
+        "Pad the sequence to a multiple of 2 x the axis size (two chunks per device, for the "
+        "causal load balance), set seq_dim= to the sequence dimension, or pass non-batch "
+        "arguments outside batch_argnums."
+    )
 
     def layout(arg: Any, info: ArgInfo) -> Any:
         if not info.is_batch:
-            return jax.tree.map(lambda _: PartitionSpec(), arg)
-        size = info.mesh.shape[axis]
-        bad = []
-        for path, leaf in leaves_with_paths(arg):
-            shape, label = shape_of(leaf), path or "(the whole argument)"
-            if len(shape) <= seq_dim:
-                bad.append(f"{label}  shape {shape}: has no dimension {seq_dim} (seq_dim)")
-            elif shape[seq_dim] % (2 * size):
-                bad.append(
-                    f"{label}  shape {shape}: dimension {seq_dim} ({shape[seq_dim]}) is not "
-                    f"divisible by 2 x {axis!r} = {2 * size}"
-                )
-        if bad:
-            raise PlanError(
-                f"{where}: {count(len(bad), 'leaf', 'leaves')} of {info.name} cannot be split "
-                f"into {2 * size} chunks (two per device of {axis!r}, for the causal load "
-                f"balance):\n{bullets(bad)}\nPad the sequence to a multiple of {2 * size}, "
-                "set seq_dim= to the sequence dimension, or pass non-batch arguments outside "
-                "batch_argnums."
-            )
-        spec = [None] * seq_dim + [axis]
-        return jax.tree.map(lambda _: PartitionSpec(*spec), arg)
+            return replicate(arg)
+        return split_batch(arg, info, dim=seq_dim, chunks=2, fix=fix)
 
     return layout
 
 
-# The ids of the batch leaves the body receives, set while a plan traces the body (the
-# layer's ``enter``): the plan decides which arguments are batches (a method's ``self``
-# and keyword arguments already resolved), and the wrapped step balances exactly those.
-_BATCH_LEAVES: contextvars.ContextVar[frozenset[int]] = contextvars.ContextVar(
-    "titanax_context_parallel_batch", default=frozenset()
-)
+def _prepare(axis: str, seq_dim: int) -> PrepareHook:
+    """Every batch leaf moved from the contiguous split to the balanced layout, inside the
+    program, before the body sees it."""
 
+    def prepare(args: tuple[Any, ...], trace: TraceInfo) -> tuple[Any, ...]:
+        size = trace.mesh.shape[axis]
+        return tuple(
+            jax.tree.map(lambda x: _balance(x, axis, size, seq_dim), a) if i in trace.batch else a
+            for i, a in enumerate(args)
+        )
 
-@contextlib.contextmanager
-def _enter(
-    args: Sequence[Any], specs: Sequence[Any], mesh: Mesh, batch: frozenset[int], local: Any
-) -> Iterator[None]:
-    ids = frozenset(id(x) for i in batch for x in jax.tree.leaves(local[i]))
-    token = _BATCH_LEAVES.set(ids)
-    try:
-        yield
-    finally:
-        _BATCH_LEAVES.reset(token)
-
-
-def _balanced_step(fun: Callable[..., Any], axis: str, seq_dim: int) -> Any:
-    """``fun`` with its batch leaves moved to the balanced layout before it runs."""
-
-    @functools.wraps(fun)
-    def step(*args: Any) -> Any:
-        size, ids = cx.axis_size(axis), _BATCH_LEAVES.get()
-        args = jax.tree.map(lambda x: _balance(x, axis, size, seq_dim) if id(x) in ids else x, args)
-        return fun(*args)
-
-    return step
+    return prepare
 
 
 @overload
@@ -302,22 +273,20 @@ def context_parallel(
       >>> float(mean_token(2.0, jnp.arange(32.0).reshape(2, 16)))
       31.0
     """
-    check_axis(TRANSFORM, axis, mesh)
-    nums = normalize_argnums(TRANSFORM, batch_argnums)
     if not isinstance(seq_dim, int) or isinstance(seq_dim, bool) or seq_dim < 0:
         raise PlanError(
             f"context_parallel(axis={axis!r}): seq_dim must be a non-negative int (the "
             f"sequence dimension of every batch leaf, e.g. 1 for (batch, seq, ...)), got "
             f"{seq_dim!r}."
         )
-    layer = Layer(TRANSFORM, axis, True, mesh, nums, _layout(axis, seq_dim), True, enter=_enter)
-
-    def wrap(f: Callable[..., Any]) -> ParallelFunction:
-        if isinstance(f, ParallelFunction):
-            balanced = ParallelFunction(_balanced_step(f.fun, axis, seq_dim), f.plan)
-            return balanced.with_layer(layer)
-        if not callable(f):
-            raise PlanError(f"{layer.describe()}: expected a function to wrap, got {f!r}.")
-        return apply_layer(_balanced_step(f, axis, seq_dim), layer)
-
-    return wrap if step is None else wrap(step)
+    layer = Layer(
+        transform=TRANSFORM,
+        axis=axis,
+        manual=True,
+        layout=_layout(axis, seq_dim),
+        mesh=mesh,
+        batch_argnums=batch_argnums,
+        donate=True,
+        prepare=_prepare(axis, seq_dim),
+    )
+    return apply_layer(step, layer)

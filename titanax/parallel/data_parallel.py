@@ -5,47 +5,18 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar, overload
 
-import jax
-from jax.sharding import Mesh, PartitionSpec
+from jax.sharding import Mesh
 
-from titanax._util import bullets, count, leaves_with_paths, shape_of
-from titanax.errors import PlanError
-from titanax.parallel.function import ParallelFunction, apply_layer
-from titanax.parallel.plan import ArgInfo, Layer, check_axis, normalize_argnums
+from titanax.extend import ArgInfo, Layer, ParallelFunction, apply_layer, replicate, split_batch
 
 __all__ = ["data_parallel"]
 
 F = TypeVar("F", bound=Callable[..., Any])
 
 
-def _layout(axis: str, where: str = "") -> Callable[[Any, ArgInfo], Any]:
-    """Batches split on their leading dimension along ``axis``; everything else replicated."""
-    where = where or f"data_parallel(axis={axis!r})"
-
-    def layout(arg: Any, info: ArgInfo) -> Any:
-        if not info.is_batch:
-            return jax.tree.map(lambda _: PartitionSpec(), arg)
-        size = info.mesh.shape[axis]
-        bad = []
-        for path, leaf in leaves_with_paths(arg):
-            shape, label = shape_of(leaf), path or "(the whole argument)"
-            if not shape:
-                bad.append(f"{label}  is a scalar: a batch leaf needs a leading batch dimension")
-            elif shape[0] % size:
-                bad.append(
-                    f"{label}  shape {shape}: leading dimension "
-                    f"{shape[0]} is not divisible by {axis!r}={size}"
-                )
-        if bad:
-            raise PlanError(
-                f"{where}: {count(len(bad), 'leaf', 'leaves')} of {info.name} cannot be split into {size} "
-                f"replicas along {axis!r}:\n{bullets(bad)}\n"
-                f"Make the global batch a multiple of {size}, or pass non-batch arguments "
-                "outside batch_argnums."
-            )
-        return jax.tree.map(lambda _: PartitionSpec(axis), arg)
-
-    return layout
+def _layout(arg: Any, info: ArgInfo) -> Any:
+    """Batches split on their leading dimension along the axis; everything else replicated."""
+    return split_batch(arg, info) if info.is_batch else replicate(arg)
 
 
 @overload
@@ -149,10 +120,14 @@ def data_parallel(
       >>> float(loss)
       1.0
     """
-    check_axis("data_parallel", axis, mesh)
-    nums = normalize_argnums("data_parallel", batch_argnums)
-    kept = normalize_argnums("data_parallel", replicated_argnums, "replicated_argnums")
     layer = Layer(
-        "data_parallel", axis, True, mesh, nums, _layout(axis), bool(donate), keep_argnums=kept
+        transform="data_parallel",
+        axis=axis,
+        manual=True,
+        layout=_layout,
+        mesh=mesh,
+        batch_argnums=batch_argnums,
+        replicated_argnums=replicated_argnums,
+        donate=bool(donate),
     )
     return apply_layer(step, layer)

@@ -112,8 +112,9 @@ class Entry:
 
         def body(*local_args: Any) -> Any:
             traced["inputs"] = jax.tree.leaves(local_args)  # to find what is claimed
-            with bind_axes(bound), plan.entered(avals, self.in_specs, self.mesh, local_args):
-                return fun(*local_args)
+            traces = plan.traces(avals, self.in_specs, self.mesh, local_args)
+            with bind_axes(bound), plan.entered(traces):
+                return fun(*plan.prepare(local_args, traces))
 
         def smap(out_specs: Any, f: Callable[..., Any]) -> Callable[..., Any]:
             return jax.shard_map(

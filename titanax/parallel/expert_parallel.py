@@ -18,9 +18,7 @@ from jax.sharding import Mesh, PartitionSpec
 
 from titanax._util import bullets, count, leaves_with_paths, shape_of
 from titanax.errors import PlanError, RuleError
-from titanax.parallel.data_parallel import _layout as _batch_layout
-from titanax.parallel.function import ParallelFunction, apply_layer
-from titanax.parallel.plan import ArgInfo, Layer, check_axis, normalize_argnums
+from titanax.extend import ArgInfo, Layer, LayoutHook, ParallelFunction, apply_layer, split_batch
 from titanax.parallel.rules import Rules, spec_axes, spec_problem
 
 __all__ = ["expert_parallel"]
@@ -28,13 +26,12 @@ __all__ = ["expert_parallel"]
 TRANSFORM = "expert_parallel"
 
 
-def _layout(rules: Rules, axis: str) -> Callable[[Any, ArgInfo], Any]:
+def _layout(rules: Rules, axis: str) -> LayoutHook:
     where = f"expert_parallel(axis={axis!r})"
-    batch_layout = _batch_layout(axis, where)
 
     def layout(arg: Any, info: ArgInfo) -> Any:
         if info.is_batch:
-            return batch_layout(arg, info)
+            return split_batch(arg, info)
         specs, other, misfit = [], [], []
         for path, leaf in leaves_with_paths(arg):
             shape = shape_of(leaf)
@@ -138,7 +135,13 @@ def expert_parallel(
             f'{type(rules).__name__}. Write tx.expert_parallel(tx.Rules((r"experts/", '
             'P("expert")),)).'
         )
-    check_axis(TRANSFORM, axis, mesh)
-    nums = normalize_argnums(TRANSFORM, batch_argnums)
-    layer = Layer(TRANSFORM, axis, True, mesh, nums, _layout(rules, axis), True)
+    layer = Layer(
+        transform=TRANSFORM,
+        axis=axis,
+        manual=True,
+        layout=_layout(rules, axis),
+        mesh=mesh,
+        batch_argnums=batch_argnums,
+        donate=True,
+    )
     return apply_layer(None, layer)

@@ -297,7 +297,41 @@ class ParallelFunction:
 
 
 def apply_layer(step: Callable[..., Any] | None, layer: Layer) -> Any:
-    """Wraps ``step`` (or returns a decorator) with one more layer of plan."""
+    """Applies one more `Layer` of plan to ``step``: the way every transform is made.
+
+    A plain function becomes a `ParallelFunction` with a one-layer plan; a
+    `ParallelFunction` (another transform's result) gets ``layer`` added to its plan,
+    so a stack of transforms is one program. Two layers of a stack never share an
+    axis, and all their meshes must be the same.
+
+    Args:
+      step: the function to wrap, a `ParallelFunction`, or ``None`` for a decorator.
+      layer: the `Layer`.
+
+    Returns:
+      A `ParallelFunction`, or, when ``step`` is ``None``, a decorator returning one.
+
+    Raises:
+      PlanError: ``step`` is not callable; ``layer`` claims an axis another layer of
+        the stack owns, or names a different mesh.
+
+    Examples:
+      >>> import jax.numpy as jnp, titanax as tx
+      >>> from titanax.extend import Layer, apply_layer, replicate, split_batch
+      >>> def layout(arg, info):
+      ...     return split_batch(arg, info) if info.is_batch else replicate(arg)
+      >>> layer = Layer(transform="replicas", axis="data", manual=True, layout=layout,
+      ...               mesh=tx.mesh(data=8))
+      >>> @apply_layer(None, layer)
+      ... def mean(x):
+      ...     return tx.pmean(jnp.mean(x), "data")
+      >>> float(mean(jnp.arange(16.0)))
+      7.5
+    """
+    if not isinstance(layer, Layer):
+        raise PlanError(
+            f"apply_layer: layer must be a titanax.extend.Layer, got {type(layer).__name__}."
+        )
 
     def wrap(f: Callable[..., Any]) -> ParallelFunction:
         if isinstance(f, ParallelFunction):

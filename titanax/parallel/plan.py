@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-from collections.abc import Callable, Sequence
-from typing import Any, NamedTuple
+from collections.abc import Sequence
+from typing import Any, cast
 
 import jax
 from jax.sharding import AbstractMesh, AxisType, Mesh, PartitionSpec
@@ -17,6 +17,14 @@ from jax.sharding import AbstractMesh, AxisType, Mesh, PartitionSpec
 from titanax._util import bullets, leaves_with_paths, shape_of
 from titanax.errors import PlanError, RuleError
 from titanax.parallel.collectives import BoundAxis
+from titanax.parallel.layer import (
+    ArgInfo,
+    Layer,
+    TraceInfo,
+    check_axis,
+    normalize_argnums,
+    resolve_argnums,
+)
 from titanax.parallel.rules import spec_axes, spec_problem
 
 __all__ = [
@@ -31,59 +39,6 @@ __all__ = [
 
 P = PartitionSpec
 _is_spec = lambda x: isinstance(x, PartitionSpec)  # noqa: E731
-
-
-class ArgInfo(NamedTuple):
-    """What a layer is told about one argument when it lays it out."""
-
-    position: int
-    name: str  # "argument 0 (state)", for messages
-    is_batch: bool
-    mesh: Mesh
-    others: Any = None  # for layers with ``sees_others``: the merged specs of the other layers
-    nargs: int = 0  # how many arguments the call has (to resolve negative positions)
-
-
-class Layer(NamedTuple):
-    """One transform's contribution to a plan.
-
-    Attributes:
-      transform: the transform's name, e.g. ``"data_parallel"``.
-      axis: the mesh axis the transform claims.
-      manual: ``True`` when the body sees per-replica values along ``axis``
-        (it becomes a manual axis of the ``shard_map``); ``False`` when the
-        body sees global arrays and XLA partitions them (an ``Auto`` axis).
-      mesh: the mesh given to the transform, or ``None``.
-      batch_argnums: which positional arguments are batches.
-      layout: ``layout(arg, info) -> tree of PartitionSpec`` naming only ``axis``.
-      donate: whether non-batch arguments may be donated (``None``: no opinion).
-      sees_others: lay out after the other layers, with their merged specs in
-        ``ArgInfo.others`` (to pick dimensions they leave free).
-      enter: ``enter(args, specs, mesh, batch, local_args)``, a context entered
-        while the body is traced, given the global shapes of the arguments
-        (``ShapeDtypeStruct`` trees), their merged specs, the positions of the
-        batch arguments and the values the body receives; ``None`` for none.
-    """
-
-    transform: str
-    axis: str
-    manual: bool
-    mesh: Mesh | None
-    batch_argnums: tuple[int, ...]
-    layout: Callable[[Any, ArgInfo], Any]
-    donate: bool | None = None
-    sees_others: bool = False
-    keep_argnums: tuple[int, ...] = ()  # non-batch arguments never donated (constants)
-    enter: (
-        Callable[
-            [Sequence[Any], Sequence[Any], Mesh, frozenset[int], Sequence[Any]],
-            contextlib.AbstractContextManager[None],
-        ]
-        | None
-    ) = None
-
-    def describe(self) -> str:
-        return f"{self.transform}(axis={self.axis!r})"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -219,13 +174,11 @@ class Plan:
 
     def kept_indices(self, nargs: int) -> frozenset[int]:
         """Positions of arguments that no layer lets be donated."""
-        return frozenset().union(*(resolve_argnums(lay.keep_argnums, nargs) for lay in self.layers))
+        return frozenset().union(*(lay.replicated_positions(nargs) for lay in self.layers))
 
     def batch_indices(self, nargs: int) -> frozenset[int]:
         """Positions of batch arguments (in any layer) for a call with ``nargs`` arguments."""
-        return frozenset().union(
-            *(resolve_argnums(lay.batch_argnums, nargs) for lay in self.layers)
-        )
+        return frozenset().union(*(lay.batch_positions(nargs) for lay in self.layers))
 
     def in_specs(self, args: Sequence[Any], mesh: Mesh, names: Sequence[str]) -> tuple[Any, ...]:
         """The merged ``PartitionSpec`` tree of every argument.
@@ -235,7 +188,7 @@ class Plan:
         """
         batch = self.batch_indices(len(args))
         for layer in self.layers:
-            for i in layer.batch_argnums:
+            for i in cast(tuple[int, ...], layer.batch_argnums):
                 if not -len(args) <= i < len(args):
                     raise PlanError(
                         f"{layer.describe()}: batch_argnums={layer.batch_argnums} names argument "
@@ -243,14 +196,22 @@ class Plan:
                     )
         out = []
         for i, arg in enumerate(args):
-            info = ArgInfo(i, names[i], i in batch, mesh, nargs=len(args))
-            first = [layer.layout(arg, info) for layer in self.layers if not layer.sees_others]
+
+            def info(layer: Layer, others: Any = None, i: int = i) -> ArgInfo:
+                return ArgInfo(
+                    layer=layer,
+                    position=i,
+                    name=names[i],
+                    nargs=len(args),
+                    mesh=mesh,
+                    is_batch=i in batch,
+                    is_replicated=i in layer.replicated_positions(len(args)),
+                    others=others,
+                )
+
+            first = [_layout(lay, arg, info(lay)) for lay in self.layers if not lay.sees_others]
             merged = _merge_trees(arg, first, mesh)
-            last = [
-                layer.layout(arg, info._replace(others=merged))
-                for layer in self.layers
-                if layer.sees_others
-            ]
+            last = [_layout(lay, arg, info(lay, merged)) for lay in self.layers if lay.sees_others]
             if last:
                 merged = _merge_trees(arg, [*first, *last], mesh)
             problems = [
@@ -314,16 +275,38 @@ class Plan:
             for layer in self.layers
         )
 
-    def entered(
+    def traces(
         self, args: Sequence[Any], specs: Sequence[Any], mesh: Mesh, local_args: Sequence[Any]
-    ) -> contextlib.ExitStack:
+    ) -> list[TraceInfo]:
+        """What each layer's hooks are told while the body is traced, innermost first."""
+        batch = self.batch_indices(len(args))
+        return [
+            TraceInfo(
+                layer=layer,
+                mesh=mesh,
+                args=tuple(args),
+                specs=tuple(specs),
+                local_args=tuple(local_args),
+                batch=batch,
+                replicated=layer.replicated_positions(len(args)),
+            )
+            for layer in self.layers
+        ]
+
+    def entered(self, traces: Sequence[TraceInfo]) -> contextlib.ExitStack:
         """The layers' ``enter`` contexts, entered together while the body is traced."""
         stack = contextlib.ExitStack()
-        batch = self.batch_indices(len(args))
-        for layer in self.layers:
-            if layer.enter is not None:
-                stack.enter_context(layer.enter(args, specs, mesh, batch, local_args))
+        for trace in traces:
+            if trace.layer.enter is not None:
+                stack.enter_context(trace.layer.enter(trace))
         return stack
+
+    def prepare(self, local_args: tuple[Any, ...], traces: Sequence[TraceInfo]) -> tuple[Any, ...]:
+        """The arguments the body receives: each layer's ``prepare``, innermost first."""
+        for trace in traces:
+            if trace.layer.prepare is not None:
+                local_args = tuple(trace.layer.prepare(local_args, trace))
+        return local_args
 
 
 def context_mesh() -> Mesh | AbstractMesh:
@@ -350,6 +333,38 @@ def _mesh_str(mesh: Mesh | AbstractMesh | None) -> str:
     if mesh is None:
         return "None"
     return "Mesh(" + ", ".join(f"{k}={v}" for k, v in mesh.shape.items()) + ")"
+
+
+def _layout(layer: Layer, arg: Any, info: ArgInfo) -> Any:
+    """``layer.layout(arg, info)``, checked: a spec per leaf of ``arg``, naming only the
+    layer's axis (a layer that lays out another layer's axis would take it silently)."""
+    specs = layer.layout(arg, info)
+    leaves = _spec_leaves(specs)
+    paths = leaves_with_paths(arg)
+    wrong = [s for s in leaves if not isinstance(s, PartitionSpec)]
+    if wrong or len(leaves) != len(paths):
+        raise PlanError(
+            f"{layer.describe()}: its layout returned "
+            + (
+                f"{type(wrong[0]).__name__} where a PartitionSpec was expected"
+                if wrong
+                else f"{len(leaves)} PartitionSpec(s) for the {len(paths)} leaves"
+            )
+            + f" of {info.name}. A layout returns a tree of PartitionSpec with the argument's "
+            "structure, one spec per leaf (titanax.extend.replicate(arg) for P() everywhere)."
+        )
+    other = [
+        f"{path or '(the whole argument)'}: {spec}"
+        for (path, _), spec in zip(paths, leaves)
+        if set(spec_axes(spec)) - {layer.axis}
+    ]
+    if other:
+        raise PlanError(
+            f"{layer.describe()}: its layout of {info.name} names mesh axes other than its own "
+            f"{layer.axis!r}:\n{bullets(other)}\nA layer lays out its own axis only; the other "
+            "axes belong to the transforms that claim them."
+        )
+    return specs
 
 
 def _spec_leaves(tree: Any) -> list[PartitionSpec]:
@@ -387,36 +402,3 @@ def _restrict(spec: PartitionSpec, axes: frozenset[str]) -> PartitionSpec:
         kept = tuple(a for a in ((entry,) if isinstance(entry, str) else entry or ()) if a in axes)
         entries.append(None if not kept else kept[0] if len(kept) == 1 else kept)
     return P(*entries)
-
-
-def normalize_argnums(
-    transform: str, argnums: int | Sequence[int], name: str = "batch_argnums"
-) -> tuple[int, ...]:
-    """Checks ``argnums`` (an int or a sequence of ints) and returns a tuple."""
-    nums = (argnums,) if isinstance(argnums, int) else argnums
-    if not isinstance(nums, Sequence) or not all(
-        isinstance(i, int) and not isinstance(i, bool) for i in nums
-    ):
-        example = "(-1,) for a batch passed last" if name == "batch_argnums" else "(1,)"
-        raise PlanError(
-            f"{transform}: {name} must be an int or a tuple of ints, got {argnums!r}. "
-            f"E.g. {name}={example}."
-        )
-    return tuple(nums)
-
-
-def resolve_argnums(nums: Sequence[int], nargs: int) -> frozenset[int]:
-    """``nums`` as positions of a call with ``nargs`` arguments (negative ones count from the
-    end; those out of range name no argument)."""
-    return frozenset(i % nargs for i in nums if -nargs <= i < nargs)
-
-
-def check_axis(transform: str, axis: object, mesh: object) -> None:
-    """Checks the static arguments every transform shares."""
-    if not isinstance(axis, str) or not axis:
-        raise PlanError(f"{transform}: axis must be a mesh axis name (a str), got {axis!r}.")
-    if mesh is not None and not isinstance(mesh, Mesh):
-        raise PlanError(
-            f"{transform}(axis={axis!r}): mesh must be a jax.sharding.Mesh (from tx.mesh), "
-            f"got {type(mesh).__name__}."
-        )

@@ -11,20 +11,19 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from titanax._util import bullets, count, leaves_with_paths
 from titanax.errors import PlanError, RuleError
+from titanax.extend import ArgInfo, Layer, LayoutHook, ParallelFunction, apply_layer, replicate
 from titanax.parallel.collectives import bound_axes
-from titanax.parallel.function import ParallelFunction, apply_layer
-from titanax.parallel.plan import ArgInfo, Layer, check_axis, normalize_argnums
 from titanax.parallel.rules import Rules, spec_axes
 
 __all__ = ["tensor_parallel", "constrain"]
 
 
-def _layout(rules: Rules, axis: str) -> Callable[[Any, ArgInfo], Any]:
+def _layout(rules: Rules, axis: str) -> LayoutHook:
     where = f"tensor_parallel(axis={axis!r})"
 
     def layout(arg: Any, info: ArgInfo) -> Any:
         if info.is_batch:
-            return jax.tree.map(lambda _: PartitionSpec(), arg)
+            return replicate(arg)
         specs = rules.specs(arg, info.mesh, where=where, what=info.name)
         flat = jax.tree.leaves(specs, is_leaf=lambda s: isinstance(s, PartitionSpec))
         other = [
@@ -104,9 +103,14 @@ def tensor_parallel(
             f"tensor_parallel: the first argument must be a tx.Rules, got {type(rules).__name__}."
             ' Write tx.tensor_parallel(tx.Rules((r"up/kernel$", P(None, "model")), ...)).'
         )
-    check_axis("tensor_parallel", axis, mesh)
-    nums = normalize_argnums("tensor_parallel", batch_argnums)
-    layer = Layer("tensor_parallel", axis, False, mesh, nums, _layout(rules, axis), None)
+    layer = Layer(
+        transform="tensor_parallel",
+        axis=axis,
+        manual=False,
+        layout=_layout(rules, axis),
+        mesh=mesh,
+        batch_argnums=batch_argnums,
+    )
     return apply_layer(None, layer)
 
 

@@ -28,7 +28,17 @@ from jax.sharding import Mesh, PartitionSpec
 
 from titanax._util import leaves_with_paths, shape_of
 from titanax.errors import PlanError
-from titanax.parallel.data_parallel import _layout as _batch_layout
+from titanax.extend import (
+    ArgInfo,
+    EnterHook,
+    Layer,
+    LayoutHook,
+    ParallelFunction,
+    TraceInfo,
+    apply_layer,
+    replicate,
+    split_batch,
+)
 from titanax.parallel.fully_sharded.body import (
     clip_by_global_norm,
     gather_params,
@@ -48,16 +58,7 @@ from titanax.parallel.fully_sharded.whole_leaves import (
     refuse_whole_leaf_transforms,
     register_whole_leaf_transform,
 )
-from titanax.parallel.function import ParallelFunction, apply_layer
-from titanax.parallel.plan import (
-    ArgInfo,
-    Layer,
-    _restrict,
-    _spec_leaves,
-    check_axis,
-    normalize_argnums,
-    resolve_argnums,
-)
+from titanax.parallel.plan import _restrict, _spec_leaves
 
 __all__ = [
     "fully_sharded",
@@ -84,16 +85,12 @@ def _is_optimizer_state(path: str, name: str) -> bool:
     return "opt_state" in path.split("/") or name.endswith("(opt_state)")
 
 
-def _layout(
-    axis: str, shard: Shard, min_size: int, whole: tuple[int, ...]
-) -> Callable[[Any, ArgInfo], Any]:
-    batch_layout = _batch_layout(axis, f"fully_sharded(axis={axis!r})")
-
+def _layout(axis: str, shard: Shard, min_size: int) -> LayoutHook:
     def layout(arg: Any, info: ArgInfo) -> Any:
         if info.is_batch:
-            return batch_layout(arg, info)
-        if info.position in resolve_argnums(whole, info.nargs):
-            return jax.tree.map(lambda _: P(), arg)
+            return split_batch(arg, info)
+        if info.is_replicated:
+            return replicate(arg)
         size = info.mesh.shape[axis]
         specs = []
         for (path, leaf), taken in zip(leaves_with_paths(arg), _spec_leaves(info.others)):
@@ -105,24 +102,19 @@ def _layout(
     return layout
 
 
-def _enter(axis: str, shard: Shard, min_size: int, whole: tuple[int, ...]) -> Callable[..., Any]:
+def _enter(axis: str, shard: Shard, min_size: int) -> EnterHook:
     where = f"fully_sharded(axis={axis!r})"
 
     @contextlib.contextmanager
-    def enter(
-        avals: Sequence[Any],
-        specs: Sequence[Any],
-        mesh: Mesh,
-        batch: frozenset[int],
-        local_args: Sequence[Any],
-    ) -> Iterator[None]:
+    def enter(trace: TraceInfo) -> Iterator[None]:
+        avals, specs, mesh, local_args = trace.args, trace.specs, trace.mesh, trace.local_args
         size = mesh.shape[axis]
         others = frozenset(mesh.axis_names) - {axis}
         states = []
         state_args = []
         received: dict[int, tuple[Any, Leaf]] = {}
         for i, (tree, spec_tree, local) in enumerate(zip(avals, specs, local_args)):
-            if i in batch or i in resolve_argnums(whole, len(avals)):
+            if i in trace.batch or i in trace.replicated:
                 continue
             leaves = []
             for (path, aval), spec, seen in zip(
@@ -283,7 +275,6 @@ def fully_sharded(
       >>> w.shape, round(float(w[0, 0]), 6), float(loss)          # what data_parallel gives
       ((16, 2), 0.1, 1.0)
     """
-    check_axis("fully_sharded", axis, mesh)
     if shard not in ("params", "optimizer"):
         raise PlanError(
             f"fully_sharded(axis={axis!r}): shard must be 'params' (ZeRO-3: parameters and "
@@ -294,18 +285,16 @@ def fully_sharded(
             f"fully_sharded(axis={axis!r}): min_size must be a number of elements (an int >= 0), "
             f"got {min_size!r}."
         )
-    nums = normalize_argnums("fully_sharded", batch_argnums)
-    whole = normalize_argnums("fully_sharded", replicated_argnums, "replicated_argnums")
     layer = Layer(
-        "fully_sharded",
-        axis,
-        True,
-        mesh,
-        nums,
-        _layout(axis, shard, min_size, whole),
-        bool(donate),
+        transform="fully_sharded",
+        axis=axis,
+        manual=True,
+        layout=_layout(axis, shard, min_size),
+        mesh=mesh,
+        batch_argnums=batch_argnums,
+        replicated_argnums=replicated_argnums,
+        donate=bool(donate),
         sees_others=True,
-        enter=_enter(axis, shard, min_size, whole),
-        keep_argnums=whole,
+        enter=_enter(axis, shard, min_size),
     )
     return apply_layer(step, layer)
