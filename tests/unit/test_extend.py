@@ -300,3 +300,32 @@ def test_two_layers_on_one_axis_are_refused():
     b = Layer(transform="second", axis="data", manual=False, layout=replicate)
     with pytest.raises(tx.PlanError, match=r"second\(axis='data'\) and first\(axis='data'\)"):
         apply_layer(apply_layer(lambda x: x, a), b)
+
+
+@pytest.mark.parametrize(
+    "prepare, message",
+    [
+        (lambda args, trace: args[:1], r"returned 1 argument where it was given 2 arguments"),
+        (lambda args, trace: args[0], r"returned ArrayImpl|returned .*Tracer|returned [A-Za-z]+ "),
+        (
+            lambda args, trace: (args[0], args[1][:1]),
+            r"changed the structure, shapes or dtypes of argument 1 \(\[\(\(2,\), ",
+        ),
+        (
+            lambda args, trace: (args[0], args[1].astype(jnp.int32)),
+            r"changed the structure, shapes or dtypes of argument 1",
+        ),
+    ],
+    ids=["fewer", "not-a-tuple", "shape", "dtype"],
+)
+def test_a_prepare_hook_must_keep_the_arguments_shapes(prepare, message):
+    def layout(arg, info):
+        return split_batch(arg, info) if info.is_batch else replicate(arg)
+
+    layer = Layer(
+        transform="mover", axis="data", manual=True, layout=layout, mesh=tx.mesh(data=8),
+        prepare=prepare,
+    )  # fmt: skip
+    f = apply_layer(lambda w, x: tx.pmean(jnp.sum(w * x), "data"), layer)
+    with pytest.raises(tx.PlanError, match=r"mover\(axis='data'\): its prepare hook " + message):
+        f(jnp.float32(1.0), jnp.arange(16.0))

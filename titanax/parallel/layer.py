@@ -117,8 +117,10 @@ class PrepareHook(Protocol):
 
     Called inside every layer's ``enter`` context, innermost layer first, on the
     per-device arguments; may move data inside the program (``tx.context_parallel``
-    reorders each batch's sequence chunks with two ``ppermute``). Return the leaves it
-    does not change as they are: other layers recognize them by identity.
+    reorders each batch's sequence chunks with two ``ppermute``). Every argument keeps
+    its structure, shapes and dtypes (a `titanax.errors.PlanError` otherwise: the output
+    layouts and checks were decided from them); the leaves it does not change are
+    returned as they are, since other layers recognize them by identity.
     """
 
     def __call__(self, args: tuple[Any, ...], trace: TraceInfo, /) -> tuple[Any, ...]: ...

@@ -14,7 +14,7 @@ from typing import Any, cast
 import jax
 from jax.sharding import AbstractMesh, AxisType, Mesh, PartitionSpec
 
-from titanax._util import bullets, leaves_with_paths, shape_of
+from titanax._util import bullets, count, leaves_with_paths, shape_of
 from titanax.errors import PlanError, RuleError
 from titanax.parallel.collectives import BoundAxis
 from titanax.parallel.layer import (
@@ -305,7 +305,9 @@ class Plan:
         """The arguments the body receives: each layer's ``prepare``, innermost first."""
         for trace in traces:
             if trace.layer.prepare is not None:
-                local_args = tuple(trace.layer.prepare(local_args, trace))
+                new = trace.layer.prepare(local_args, trace)
+                _check_prepared(trace.layer, local_args, new)
+                local_args = tuple(new)
         return local_args
 
 
@@ -365,6 +367,38 @@ def _layout(layer: Layer, arg: Any, info: ArgInfo) -> Any:
             "axes belong to the transforms that claim them."
         )
     return specs
+
+
+def _check_prepared(layer: Layer, before: tuple[Any, ...], after: Any) -> None:
+    """A ``prepare`` hook moves values, never changes what the body receives: the output
+    layouts and checks were decided from the arguments' structure and shapes."""
+
+    def shapes(args: Any) -> Any:
+        leaves, treedef = jax.tree.flatten(args)
+        return treedef, [(shape_of(x), getattr(x, "dtype", None)) for x in leaves]
+
+    if not isinstance(after, (tuple, list)) or len(after) != len(before):
+        got = (
+            count(len(after), "argument", "arguments")
+            if isinstance(after, (tuple, list))
+            else type(after).__name__
+        )
+        given = count(len(before), "argument", "arguments")
+        problem = f"returned {got} where it was given {given}"
+    else:
+        differ = [k for k, (a, b) in enumerate(zip(before, after)) if shapes(a) != shapes(b)]
+        if not differ:
+            return
+        problem = (
+            f"changed the structure, shapes or dtypes of argument {differ[0]} "
+            f"({shapes(before[differ[0]])[1][:3]} -> {shapes(after[differ[0]])[1][:3]})"
+        )
+    raise PlanError(
+        f"{layer.describe()}: its prepare hook {problem}. prepare may move values between "
+        "devices or reorder them, but must return a tuple of the arguments it was given, each "
+        "with its structure, shapes and dtypes (the plan's layouts and checks were decided "
+        "from them)."
+    )
 
 
 def _spec_leaves(tree: Any) -> list[PartitionSpec]:
