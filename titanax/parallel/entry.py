@@ -18,7 +18,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from titanax._util import bullets, count, leaves_with_paths, shape_of
-from titanax.errors import PlanError
+from titanax.errors import CollectiveError, PlanError
 from titanax.parallel.claims import Claim, collecting
 from titanax.parallel.collectives import bind_axes
 from titanax.parallel.outputs import (
@@ -30,7 +30,7 @@ from titanax.parallel.outputs import (
 )
 from titanax.parallel.plan import Plan, _is_spec, _restrict, _spec_leaves
 from titanax.parallel.rules import spec_axes
-from titanax.parallel.varying import varying_axes
+from titanax.parallel.varying import Divergence, varying_axes
 
 if TYPE_CHECKING:
     from titanax.parallel.function import ParallelFunction
@@ -148,11 +148,16 @@ class Entry:
             for s in _spec_leaves(local_specs)
         ]
         every = frozenset(a for a in manual if sizes[a] > 1)
-        vary = varying_axes(closed.jaxpr, self.input_axes, every) if manual else None
+        divergent: list[Divergence] = []
+        vary = varying_axes(closed.jaxpr, self.input_axes, every, divergent) if manual else None
+        if divergent:
+            raise _divergence_error(divergent, where)
         kept = plan.kept_indices(len(args))
         layout = output_layout(local_out, local_in, self.in_specs, self.batch, vary, manual, kept)
         if vary is not None:
-            check_stray_shards(local_out, layout.specs, vary, local_in, local_specs, self.batch)
+            check_stray_shards(
+                local_out, layout.specs, vary, local_in, local_specs, self.batch, where
+            )
             check_reduced(local_out, layout.specs, vary, sizes, where)
         self._out_specs = layout.specs
 
@@ -405,6 +410,28 @@ def _pin_auto(
         for part, specs, src in zip(parts, spec_parts, layout.sources)
     )
     return pinned if isinstance(out, tuple) else pinned[0]
+
+
+def _divergence_error(found: list[Divergence], where: str) -> CollectiveError:
+    """Collectives that the devices of their axes may not all reach: the program would hang."""
+    lines = [
+        f"{d.primitive} over {', '.join(map(repr, sorted(d.axes)))} inside a "
+        + ("lax.cond/lax.switch" if d.construct == "cond" else "lax.while_loop")
+        + f", at {d.where}"
+        for d in found
+    ]
+    axes = ", ".join(map(repr, sorted(set().union(*(d.axes for d in found)))))
+    return CollectiveError(
+        f"{where}: {count(len(found), 'collective', 'collectives')} may not be reached by "
+        f"every device of its axes:\n{bullets(lines)}\n"
+        f"The predicate of the enclosing cond or loop may differ between the devices of {axes} "
+        "(it depends on per-device values), so the devices that take the other branch, or "
+        "stop iterating, never join the collective and the program hangs. Make the "
+        "predicate equal on every device (compute it from reduced values: "
+        f"`pred = tx.pmax(pred.astype(jnp.int32), ({axes},)) > 0` is true where any device's "
+        "is), or move the collective out of the cond or loop and select its result with "
+        "jnp.where."
+    )
 
 
 class OtherShapes(Exception):

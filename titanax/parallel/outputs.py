@@ -142,7 +142,9 @@ def check_reduced(
         "Each replica computes its own value and nothing in the step reduces it (decided "
         "from the traced program, before it ran: no argument was donated). Reduce in the "
         f"step: grads = tx.pmean(grads, {axis!r}) before the update, and "
-        f"tx.pmean(loss, {axis!r}) for metrics; gather per-example values with tx.all_gather."
+        f"tx.pmean(loss, {axis!r}) for metrics; gather per-example values with tx.all_gather "
+        "(and the values of a layer whose devices hold different models, such as an "
+        "ensemble's members)."
     )
 
 
@@ -153,6 +155,7 @@ def check_stray_shards(
     local_in: Sequence[Any],
     local_specs: Sequence[Any],
     batch: frozenset[int],
+    where: str,
 ) -> None:
     """Raises for an output left replicated that varies across replicas with a shard's shape:
     a shard of split state returned where its layout cannot follow it."""
@@ -171,11 +174,15 @@ def check_stray_shards(
         if v and not spec_axes(spec) and shape_of(x) in shard_shapes
     ]
     if stray:
+        one = len(stray) == 1
         raise PlanError(
-            f"{count(len(stray), 'output leaf', 'output leaves')} of the step "
-            f"{'is a shard' if len(stray) == 1 else 'are shards'} of split state, returned "
-            f"where no layout follows {'it' if len(stray) == 1 else 'them'}:\n{bullets(stray)}\n"
-            "An output takes a state argument's split layout only when it is a top-level "
-            "output with the argument's structure (return `state, metrics`, not "
-            "`{'state': state}`). A per-replica metric must be reduced (tx.pmean)."
+            f"{where}: {count(len(stray), 'output leaf', 'output leaves')} of the step "
+            f"{'varies' if one else 'vary'} between devices and {'has' if one else 'have'} the "
+            f"shape of a shard of split state, returned where no layout follows "
+            f"{'it' if one else 'them'}:\n{bullets(stray)}\n"
+            "If it is state: an output takes a state argument's split layout only when it is "
+            "a top-level output with the argument's structure (return `state, metrics`, not "
+            "`{'state': state}`). If it is a per-device value (a metric, a loss) whose shape "
+            "only matches a shard's, reduce it in the step (tx.pmean, tx.psum), or gather it "
+            "with tx.all_gather."
         )

@@ -25,6 +25,13 @@ along:
   a ``while`` predicate: devices may run different trip counts), nested ``shard_map``
   (its own manual axes are dropped at its outputs, which are whole arrays).
 
+Along the way it finds the collectives that devices may not all reach: one over an axis
+inside a ``cond`` (``lax.cond``, ``lax.switch``) whose predicate may differ along that
+axis, or inside a ``while`` whose predicate may. The devices that take the other branch
+(or stop iterating) never join it, and the program hangs (measured on XLA:CPU, jax
+0.10.2: ``psum``, ``all_gather`` and ``ppermute`` each wait forever in their rendezvous;
+NCCL collectives do the same). Each is reported as a `Divergence`.
+
 It is sound: where it cannot see (an unknown primitive with inner jaxprs), outputs vary
 along every axis its inputs vary along and every axis any collective inside names.
 Values it calls invariant are equal on every device; a property test
@@ -33,12 +40,14 @@ Values it calls invariant are equal on every device; a property test
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
+from jax._src import source_info_util  # where an equation was traced (no public API)
 from jax.extend import core
 
-__all__ = ["varying_axes"]
+__all__ = ["Divergence", "varying_axes"]
 
 Axes = frozenset[str]
 _NONE: Axes = frozenset()
@@ -49,6 +58,36 @@ _REDUCE = {"psum", "pmax", "pmin", "all_gather", "psum_invariant", "all_gather_i
 _DEVICE_LOCAL = {"pure_callback", "io_callback", "rng_uniform", "infeed"}
 # Calls: the inner jaxpr takes the equation's inputs and gives its outputs.
 _CALL_KEYS = ("jaxpr", "call_jaxpr", "fun_jaxpr")
+# Primitives that name an axis without communicating over it.
+_LOCAL = {"axis_index", "pvary", "pbroadcast"}
+_TITANAX = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+class Divergence(NamedTuple):
+    """A collective that the devices of ``axes`` may not all reach."""
+
+    primitive: str  # the collective, e.g. "psum"
+    axes: Axes  # the axes it names along which the predicate may differ
+    construct: str  # "cond" (lax.cond, lax.switch) or "while" (lax.while_loop, fori_loop)
+    where: str  # the user's line that called the collective, e.g. "train.py:41 (step)"
+
+
+def _where(eqn: core.JaxprEqn) -> str:
+    """The innermost frame of the equation's traceback outside JAX and Titanax."""
+    for frame in source_info_util.user_frames(eqn.source_info.traceback):
+        if not os.path.abspath(frame.file_name).startswith(_TITANAX + os.sep):
+            return f"{frame.file_name}:{frame.start_line} ({frame.function_name})"
+    return source_info_util.summarize(eqn.source_info)
+
+
+def _communicating(jaxpr: core.Jaxpr) -> Iterator[tuple[core.JaxprEqn, Axes]]:
+    """Every equation of ``jaxpr`` (inner jaxprs included) that communicates over axes."""
+    for eqn in jaxpr.eqns:
+        if (names := _names(eqn)) and eqn.primitive.name not in _LOCAL:
+            yield eqn, names
+        for value in eqn.params.values():
+            for sub in _sub_jaxprs(value):
+                yield from _communicating(sub)
 
 
 def _names(eqn: core.JaxprEqn) -> Axes:
@@ -103,6 +142,19 @@ class _Analysis:
         self.every = every  # the manual axes a device-local result varies along
         self.memo: dict[tuple[int, tuple[Axes, ...]], list[Axes]] = {}
         self.keep: list[core.Jaxpr] = []  # memo keys are ids: keep the jaxprs alive
+        self.divergent: dict[tuple[int, Axes], Divergence] = {}
+
+    def diverge(self, construct: str, predicate: Axes, inner: Sequence[core.Jaxpr]) -> None:
+        """Records the collectives in ``inner`` over axes along which ``predicate`` varies."""
+        if not predicate:
+            return
+        for jaxpr in inner:
+            for eqn, names in _communicating(jaxpr):
+                if hit := names & predicate:
+                    self.divergent.setdefault(
+                        (id(eqn), hit),
+                        Divergence(eqn.primitive.name, hit, construct, _where(eqn)),
+                    )
 
     def run(self, jaxpr: core.Jaxpr, inputs: Sequence[Axes]) -> list[Axes]:
         key = (id(jaxpr), tuple(inputs))
@@ -131,6 +183,7 @@ class _Analysis:
             return [v - names for v in ins] if len(ins) == n else [union - names] * n
         if name == "cond":
             index, ops = ins[0], ins[1:]
+            self.diverge("cond", index, [b.jaxpr for b in params["branches"]])
             branches = [self.run(b.jaxpr, ops) for b in params["branches"]]
             return [index.union(*outs) for outs in zip(*branches)]
         if name == "while":
@@ -163,6 +216,7 @@ class _Analysis:
             out = self.run(body, [*body_consts, *carry])
             new = [c | o | pred for c, o in zip(carry, out)]
             if new == carry:
+                self.diverge("while", pred, [cond, body])
                 return carry
             carry = new
 
@@ -194,7 +248,10 @@ def _mentioned_specs(params: dict[str, Any]) -> Axes:
 
 
 def varying_axes(
-    jaxpr: core.Jaxpr, inputs: Sequence[Axes], every: Axes | None = None
+    jaxpr: core.Jaxpr,
+    inputs: Sequence[Axes],
+    every: Axes | None = None,
+    divergent: list[Divergence] | None = None,
 ) -> list[Axes]:
     """The manual axes each output of ``jaxpr`` may vary along, given those of its inputs.
 
@@ -205,10 +262,17 @@ def varying_axes(
         random result varies along. Defaults to the axes of the inputs and those any
         equation names.
 
+      divergent: a list to extend with the collectives the devices may not all reach
+        (`Divergence`), in the order found.
+
     Returns:
       Per output variable, a superset of the axes along which its per-device values
       can differ: an axis missing from it is one the output is equal along.
     """
     if every is None:
         every = _NONE.union(*inputs) | _mentioned(jaxpr)
-    return _Analysis(every).run(jaxpr, list(inputs))
+    analysis = _Analysis(every)
+    out = analysis.run(jaxpr, list(inputs))
+    if divergent is not None:
+        divergent.extend(analysis.divergent.values())
+    return out
