@@ -329,3 +329,79 @@ def test_a_prepare_hook_must_keep_the_arguments_shapes(prepare, message):
     f = apply_layer(lambda w, x: tx.pmean(jnp.sum(w * x), "data"), layer)
     with pytest.raises(tx.PlanError, match=r"mover\(axis='data'\): its prepare hook " + message):
         f(jnp.float32(1.0), jnp.arange(16.0))
+
+
+def _dp_layout(arg, info):
+    return split_batch(arg, info) if info.is_batch else replicate(arg)
+
+
+def test_replicated_argnums_out_of_range_or_on_a_batch_is_refused():
+    # Out of range was silently ignored: the page's key_argnums=3 on a 3-argument step
+    # never folded the key, and every member drew the same noise.
+    mesh = tx.mesh(data=8)
+    body = lambda w, key, x: tx.pmean(jnp.sum(w * x), "data")  # noqa: E731
+    args = (jnp.float32(1.0), jnp.float32(0.0), jnp.arange(16.0))
+    far = Layer(
+        transform="mine", axis="data", manual=True, layout=_dp_layout, mesh=mesh,
+        replicated_argnums=3,
+    )  # fmt: skip
+    with pytest.raises(tx.PlanError, match=r"replicated_argnums=\(3,\) names argument 3, but"):
+        apply_layer(body, far)(*args)
+    with pytest.raises(tx.PlanError, match=r"key_argnums|replicated_argnums=\(3,\)"):
+        ensemble_parallel(mesh=tx.mesh(member=4, data=2), key_argnums=3)(body)(*args)
+    on_batch = dataclasses.replace(far, replicated_argnums=-1)
+    with pytest.raises(tx.PlanError, match=r"names argument 2 \(x\), which is a batch argument"):
+        apply_layer(body, on_batch)(*args)
+
+
+def test_hooks_that_fail_are_named():
+    mesh = tx.mesh(data=8)
+    body = lambda w, x: tx.pmean(jnp.sum(w * x), "data")  # noqa: E731
+    args = (jnp.float32(1.0), jnp.arange(16.0))
+
+    def broken_layout(arg, info):
+        return {"missing": P()}["w"]
+
+    def not_a_context(trace):
+        return None
+
+    def broken_prepare(args, trace):
+        raise ValueError("no such leaf")
+
+    cases = [
+        ({"layout": broken_layout}, r"its layout raised KeyError: 'w' \(laying out argument 0"),
+        ({"enter": not_a_context}, r"its enter hook returned NoneType, not a context manager"),
+        ({"prepare": broken_prepare}, r"its prepare hook raised ValueError: no such leaf"),
+    ]
+    for fields, message in cases:
+        layer = Layer(
+            **{"transform": "mine", "axis": "data", "manual": True, "layout": _dp_layout,
+               "mesh": mesh, **fields}
+        )  # fmt: skip
+        with pytest.raises(tx.PlanError, match=r"mine\(axis='data'\): " + message):
+            apply_layer(body, layer)(*args)
+
+
+def test_a_layout_naming_an_axis_the_mesh_lacks_suggests_the_closest():
+    layer = Layer(
+        transform="sweep", axis="sweep", manual=True, mesh=tx.mesh(sweep=4, data=2),
+        layout=lambda arg, info: jax.tree.map(lambda _: P("swep"), arg),
+    )  # fmt: skip
+    with pytest.raises(tx.PlanError, match=r"names 'swep', which is not an axis of the mesh "):
+        apply_layer(lambda w: w, layer)(jnp.ones(8))
+    with pytest.raises(tx.PlanError, match=r"did you mean 'sweep'\?"):
+        apply_layer(lambda w: w, layer)(jnp.ones(8))
+
+
+def test_split_batch_on_another_dimension_says_which():
+    layer = Layer(
+        transform="seq", axis="seq", manual=True, mesh=tx.mesh(seq=8),
+        layout=lambda arg, info: split_batch(arg, info, dim=1) if info.is_batch else replicate(arg),
+    )  # fmt: skip
+    f = apply_layer(lambda x: tx.pmean(jnp.sum(x), "seq"), layer)
+    with pytest.raises(tx.PlanError) as e:
+        f(jnp.ones((2, 12)))
+    assert "cannot be split into 8 pieces on dimension 1, along 'seq'" in str(e.value)
+    assert "dimension 1 (12) is not divisible by 'seq'=8" in str(e.value)
+    assert "Make dimension 1 of every batch leaf a multiple of 8" in str(e.value)
+    assert "replicas" not in str(e.value)

@@ -273,19 +273,17 @@ def split_batch(arg: Any, info: ArgInfo, *, dim: int = 0, chunks: int = 1, fix: 
             )
             bad.append(f"{label}  shape {shape}: {what} is not divisible by {by}")
     if bad:
-        into = (
-            f"{size} replicas"
-            if chunks == 1
-            else f"{parts} chunks ({chunks} per device of {axis!r})"
-        )
+        if dim == 0 and chunks == 1:
+            into = f"{size} replicas"
+            default = f"Make the global batch a multiple of {parts}"
+        else:
+            per = f", {chunks} per device" if chunks > 1 else ""
+            into = f"{parts} pieces on dimension {dim}{per},"
+            default = f"Make dimension {dim} of every batch leaf a multiple of {parts}"
         raise PlanError(
             f"{info.layer.describe()}: {count(len(bad), 'leaf', 'leaves')} of {info.name} cannot "
             f"be split into {into} along {axis!r}:\n{bullets(bad)}\n"
-            + (
-                fix
-                or f"Make the global batch a multiple of {parts}, or pass non-batch arguments "
-                "outside batch_argnums."
-            )
+            + (fix or f"{default}, or pass non-batch arguments outside batch_argnums.")
         )
     spec = PartitionSpec(*[None] * dim, axis)
     return jax.tree.map(lambda _: spec, arg)

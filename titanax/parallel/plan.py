@@ -8,14 +8,15 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-from collections.abc import Sequence
+import difflib
+from collections.abc import Callable, Sequence
 from typing import Any, cast
 
 import jax
 from jax.sharding import AbstractMesh, AxisType, Mesh, PartitionSpec
 
 from titanax._util import bullets, count, leaves_with_paths, shape_of
-from titanax.errors import PlanError, RuleError
+from titanax.errors import PlanError, RuleError, TitanaxError
 from titanax.parallel.collectives import BoundAxis
 from titanax.parallel.layer import (
     ArgInfo,
@@ -188,12 +189,21 @@ class Plan:
         """
         batch = self.batch_indices(len(args))
         for layer in self.layers:
-            for i in cast(tuple[int, ...], layer.batch_argnums):
-                if not -len(args) <= i < len(args):
-                    raise PlanError(
-                        f"{layer.describe()}: batch_argnums={layer.batch_argnums} names argument "
-                        f"{i}, but the function was called with {len(args)} arguments."
-                    )
+            for field in ("batch_argnums", "replicated_argnums"):
+                nums = cast(tuple[int, ...], getattr(layer, field))
+                for i in nums:
+                    if not -len(args) <= i < len(args):
+                        raise PlanError(
+                            f"{layer.describe()}: {field}={nums} names argument {i}, but the "
+                            f"function was called with {count(len(args), 'argument')}."
+                        )
+            both = layer.replicated_positions(len(args)) & batch
+            if both:
+                raise PlanError(
+                    f"{layer.describe()}: replicated_argnums names {names[min(both)]}, which "
+                    "is a batch argument (batch_argnums of this or another layer). A batch is "
+                    "split, a replicated argument is whole on every device: name it in one."
+                )
         out = []
         for i, arg in enumerate(args):
 
@@ -223,7 +233,8 @@ class Plan:
                 raise PlanError(
                     f"{' + '.join(lay.describe() for lay in self.layers)}: the combined layout of "
                     f"{names[i]} does not fit:\n{bullets(problems)}\n"
-                    "Change the mesh axis sizes or the rules so each sharded dimension divides."
+                    "Change the mesh axis sizes, the rules or the layer's layout so that each "
+                    "spec has at most one entry per dimension and each split dimension divides."
                 )
             out.append(merged)
         self._check_global_view_axes(args, out, names)
@@ -298,14 +309,21 @@ class Plan:
         stack = contextlib.ExitStack()
         for trace in traces:
             if trace.layer.enter is not None:
-                stack.enter_context(trace.layer.enter(trace))
+                context = _hook(trace.layer, "enter", trace.layer.enter, trace)
+                if not hasattr(context, "__enter__") or not hasattr(context, "__exit__"):
+                    raise PlanError(
+                        f"{trace.layer.describe()}: its enter hook returned "
+                        f"{type(context).__name__}, not a context manager. Write it as a "
+                        "generator decorated with @contextlib.contextmanager that yields once."
+                    )
+                stack.enter_context(context)
         return stack
 
     def prepare(self, local_args: tuple[Any, ...], traces: Sequence[TraceInfo]) -> tuple[Any, ...]:
         """The arguments the body receives: each layer's ``prepare``, innermost first."""
         for trace in traces:
             if trace.layer.prepare is not None:
-                new = trace.layer.prepare(local_args, trace)
+                new = _hook(trace.layer, "prepare", trace.layer.prepare, local_args, trace)
                 _check_prepared(trace.layer, local_args, new)
                 local_args = tuple(new)
         return local_args
@@ -340,7 +358,16 @@ def _mesh_str(mesh: Mesh | AbstractMesh | None) -> str:
 def _layout(layer: Layer, arg: Any, info: ArgInfo) -> Any:
     """``layer.layout(arg, info)``, checked: a spec per leaf of ``arg``, naming only the
     layer's axis (a layer that lays out another layer's axis would take it silently)."""
-    specs = layer.layout(arg, info)
+    try:
+        specs = layer.layout(arg, info)
+    except TitanaxError:
+        raise
+    except Exception as e:
+        raise PlanError(
+            f"{layer.describe()}: its layout raised {type(e).__name__}: {e} (laying out "
+            f"{info.name}). A layout returns a PartitionSpec tree for any argument it is given, "
+            "and raises a TitanaxError naming the leaf for one it cannot lay out."
+        ) from e
     leaves = _spec_leaves(specs)
     paths = leaves_with_paths(arg)
     wrong = [s for s in leaves if not isinstance(s, PartitionSpec)]
@@ -355,6 +382,14 @@ def _layout(layer: Layer, arg: Any, info: ArgInfo) -> Any:
             + f" of {info.name}. A layout returns a tree of PartitionSpec with the argument's "
             "structure, one spec per leaf (titanax.extend.replicate(arg) for P() everywhere)."
         )
+    unknown = sorted({a for s in leaves for a in spec_axes(s) if a not in info.mesh.shape})
+    if unknown:
+        close = difflib.get_close_matches(unknown[0], [str(a) for a in info.mesh.axis_names], 1)
+        raise PlanError(
+            f"{layer.describe()}: its layout of {info.name} names {unknown[0]!r}, which is not "
+            f"an axis of the mesh (axes: {', '.join(map(str, info.mesh.axis_names))})"
+            + (f"; did you mean {close[0]!r}?" if close else ".")
+        )
     other = [
         f"{path or '(the whole argument)'}: {spec}"
         for (path, _), spec in zip(paths, leaves)
@@ -367,6 +402,18 @@ def _layout(layer: Layer, arg: Any, info: ArgInfo) -> Any:
             "axes belong to the transforms that claim them."
         )
     return specs
+
+
+def _hook(layer: Layer, name: str, hook: Callable[..., Any], *args: Any) -> Any:
+    """Calls a layer's hook; an exception that is not a TitanaxError names the layer."""
+    try:
+        return hook(*args)
+    except TitanaxError:
+        raise
+    except Exception as e:
+        raise PlanError(
+            f"{layer.describe()}: its {name} hook raised {type(e).__name__}: {e}"
+        ) from e
 
 
 def _check_prepared(layer: Layer, before: tuple[Any, ...], after: Any) -> None:
