@@ -405,3 +405,27 @@ def test_split_batch_on_another_dimension_says_which():
     assert "dimension 1 (12) is not divisible by 'seq'=8" in str(e.value)
     assert "Make dimension 1 of every batch leaf a multiple of 8" in str(e.value)
     assert "replicas" not in str(e.value)
+
+
+def test_explain_prints_each_layers_notes():
+    rules = tx.Rules((r".*", P("model")), notes="k/v replicated: 2 KV heads on model=4")
+    mine = Layer(
+        transform="mine", axis="data", manual=True, layout=_dp_layout, notes=["mine's note"]
+    )
+    f = apply_layer(
+        tx.tensor_parallel(rules, mesh=tx.mesh(data=2, model=4))(
+            lambda w, x: tx.all_gather(x @ w, "data", tiled=True)
+        ),
+        mine,
+    )
+    text = str(f.explain(jnp.ones((8, 8)), jnp.ones((4, 8))))
+    assert (
+        "notes:\n  * tensor_parallel(axis='model'): k/v replicated: 2 KV heads on model=4\n" in text
+    )
+    assert "  * mine(axis='data'): mine's note\n" in text
+    plain = str(
+        tx.data_parallel(lambda x: tx.pmean(x, "data"), mesh=tx.mesh(data=8)).explain(jnp.ones(8))
+    )
+    assert "notes:" not in plain
+    with pytest.raises(tx.PlanError, match=r"notes must be a sequence of str"):
+        Layer(transform="mine", axis="data", manual=True, layout=_dp_layout, notes=[1])

@@ -143,5 +143,6 @@ def expert_parallel(
         mesh=mesh,
         batch_argnums=batch_argnums,
         donate=True,
+        notes=rules.notes,
     )
     return apply_layer(None, layer)

@@ -13,7 +13,7 @@ import jax
 from jax._src.array import ArrayImpl
 from jax.sharding import PartitionSpec
 
-from titanax._util import Report, leaves_with_paths, shape_of
+from titanax._util import Report, bullets, leaves_with_paths, shape_of
 from titanax.distributed.progress import COUNTER as _PROGRESS
 from titanax.errors import DistributedError, PlanError
 from titanax.parallel import hlo
@@ -280,8 +280,10 @@ class ParallelFunction:
         stack = " + ".join(layer.describe() for layer in self.plan.layers)
         mesh = ", ".join(f"{k}={v}" for k, v in entry.mesh.shape.items())
         manual = ", ".join(sorted(self.plan.manual_axes)) or "none"
+        notes = [f"{lay.describe()}: {n}" for lay in self.plan.layers for n in lay.notes]
         text = (
             f"{stack} on mesh ({mesh}); manual axes: {manual}\n\n"
+            + ("notes:\n" + bullets(notes, len(notes)) + "\n\n" if notes else "")
             + layout_table(rows, specs, entry.mesh)
             + "\n\n"
             + hlo.collectives_table(hlo.collectives(compiled.as_text() or "", entry.mesh))

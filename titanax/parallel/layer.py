@@ -151,6 +151,8 @@ class Layer:
         ``ArgInfo.others``.
       enter: an `EnterHook`, or ``None``.
       prepare: a `PrepareHook`, or ``None``.
+      notes: lines ``ParallelFunction.explain`` prints under the layer (what its rules
+        decided and why: `tensor_parallel` passes its `Rules`' notes).
 
     Raises:
       PlanError: a field of the wrong type (an axis that is not a non-empty string, a
@@ -180,6 +182,7 @@ class Layer:
     sees_others: bool = False
     enter: EnterHook | None = None
     prepare: PrepareHook | None = None
+    notes: Sequence[str] = ()
 
     def __post_init__(self) -> None:
         name = self.transform
@@ -193,6 +196,10 @@ class Layer:
             "replicated_argnums",
             normalize_argnums(name, self.replicated_argnums, "replicated_argnums"),
         )
+        notes = (self.notes,) if isinstance(self.notes, str) else self.notes
+        if not isinstance(notes, Sequence) or not all(isinstance(n, str) for n in notes):
+            raise PlanError(f"{name}: notes must be a sequence of str, got {self.notes!r}.")
+        set_(self, "notes", tuple(notes))
         for field in ("manual", "sees_others"):
             if not isinstance(getattr(self, field), bool):
                 raise PlanError(

@@ -110,6 +110,7 @@ def tensor_parallel(
         layout=_layout(rules, axis),
         mesh=mesh,
         batch_argnums=batch_argnums,
+        notes=rules.notes,
     )
     return apply_layer(None, layer)
 
