@@ -60,7 +60,9 @@ def shape_of(x: Any) -> tuple[int, ...]:
 
 
 def nbytes(shape: Sequence[int], dtype: Any) -> int:
-    return int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+    # A typed PRNG key's dtype (key<fry>) is no numpy dtype, but has an itemsize (8 B).
+    itemsize = getattr(dtype, "itemsize", None) or np.dtype(dtype).itemsize
+    return int(np.prod(shape, dtype=np.int64)) * int(itemsize)
 
 
 def format_bytes(n: float) -> str:

@@ -207,7 +207,7 @@ def test_enter_and_prepare_are_told_the_plan_innermost_first():
         return enter, prepare
 
     def dp_layout(arg, info):
-        return split_batch(arg, info) if info.is_batch else replicate(arg)
+        return split_batch(arg, info) if info.is_own_batch else replicate(arg)
 
     inner_enter, inner_prepare = hooks("inner")
     outer_enter, outer_prepare = hooks("outer")
@@ -236,7 +236,9 @@ def test_enter_and_prepare_are_told_the_plan_innermost_first():
     ]
     trace = seen[0][2]
     assert trace.layer is inner and trace.batch == frozenset({1})
-    assert trace.replicated == frozenset({0}) and seen[1][2].replicated == frozenset()
+    # Constants are the stack's (any layer's replicated_argnums); own batches the layer's.
+    assert trace.replicated == frozenset({0}) and seen[1][2].replicated == frozenset({0})
+    assert trace.own_batch == frozenset({1}) == seen[1][2].own_batch
     assert trace.args[1].shape == (16,) and trace.local_args[1].shape == (2,)
     assert trace.specs[1] == P(("a", "b"))  # both layers' axes, in mesh order
 
@@ -256,7 +258,9 @@ def test_a_layout_naming_another_axis_or_the_wrong_structure_is_refused():
         lambda w: w,
         Layer(transform="short", axis="a", manual=True, layout=lambda arg, info: P(), mesh=mesh),
     )
-    with pytest.raises(tx.PlanError, match=r"1 PartitionSpec\(s\) for the 2 leaves"):
+    with pytest.raises(
+        tx.PlanError, match=r"1 PartitionSpec\(s\) in another tree structure than the 2 leaves"
+    ):
         g({"w": jnp.ones(8), "b": jnp.ones(8)})
     h = apply_layer(
         lambda w: w,
@@ -320,7 +324,7 @@ def test_two_layers_on_one_axis_are_refused():
 )
 def test_a_prepare_hook_must_keep_the_arguments_shapes(prepare, message):
     def layout(arg, info):
-        return split_batch(arg, info) if info.is_batch else replicate(arg)
+        return split_batch(arg, info) if info.is_own_batch else replicate(arg)
 
     layer = Layer(
         transform="mover", axis="data", manual=True, layout=layout, mesh=tx.mesh(data=8),
@@ -332,7 +336,7 @@ def test_a_prepare_hook_must_keep_the_arguments_shapes(prepare, message):
 
 
 def _dp_layout(arg, info):
-    return split_batch(arg, info) if info.is_batch else replicate(arg)
+    return split_batch(arg, info) if info.is_own_batch else replicate(arg)
 
 
 def test_replicated_argnums_out_of_range_or_on_a_batch_is_refused():
@@ -396,7 +400,7 @@ def test_a_layout_naming_an_axis_the_mesh_lacks_suggests_the_closest():
 def test_split_batch_on_another_dimension_says_which():
     layer = Layer(
         transform="seq", axis="seq", manual=True, mesh=tx.mesh(seq=8),
-        layout=lambda arg, info: split_batch(arg, info, dim=1) if info.is_batch else replicate(arg),
+        layout=lambda arg, info: split_batch(arg, info, dim=1) if info.is_own_batch else replicate(arg),
     )  # fmt: skip
     f = apply_layer(lambda x: tx.pmean(jnp.sum(x), "seq"), layer)
     with pytest.raises(tx.PlanError) as e:

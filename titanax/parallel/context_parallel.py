@@ -17,8 +17,9 @@ from typing import Any, overload
 
 import jax
 import jax.numpy as jnp
-from jax.sharding import Mesh
+from jax.sharding import Mesh, PartitionSpec
 
+from titanax._util import leaves_with_paths
 from titanax.errors import CollectiveError, PlanError
 from titanax.extend import (
     ArgInfo,
@@ -173,7 +174,7 @@ def _layout(axis: str, seq_dim: int) -> LayoutHook:
     )
 
     def layout(arg: Any, info: ArgInfo) -> Any:
-        if not info.is_batch:
+        if not info.is_own_batch:
             return replicate(arg)
         return split_batch(arg, info, dim=seq_dim, chunks=2, fix=fix)
 
@@ -186,8 +187,24 @@ def _prepare(axis: str, seq_dim: int) -> PrepareHook:
 
     def prepare(args: tuple[Any, ...], trace: TraceInfo) -> tuple[Any, ...]:
         size = trace.mesh.shape[axis]
+        for i in sorted(trace.own_batch):
+            for path, spec in zip(
+                (p for p, _ in leaves_with_paths(trace.args[i])),
+                jax.tree.leaves(trace.specs[i], is_leaf=lambda s: isinstance(s, PartitionSpec)),
+            ):
+                if spec[seq_dim] != axis:  # another layer splits the sequence dimension too
+                    raise PlanError(
+                        f"context_parallel(axis={axis!r}, seq_dim={seq_dim}): dimension "
+                        f"{seq_dim} of argument {i}{f' [{path}]' if path else ''} is laid out "
+                        f"{spec[seq_dim]!r}, "
+                        f"split by another layer too. The balanced layout needs the sequence "
+                        f"split along {axis!r} alone: give the other layer another dimension "
+                        "(data_parallel splits dimension 0: use seq_dim >= 1)."
+                    )
         return tuple(
-            jax.tree.map(lambda x: _balance(x, axis, size, seq_dim), a) if i in trace.batch else a
+            jax.tree.map(lambda x: _balance(x, axis, size, seq_dim), a)
+            if i in trace.own_batch
+            else a
             for i, a in enumerate(args)
         )
 

@@ -15,8 +15,8 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 
 def _layout(arg: Any, info: ArgInfo) -> Any:
-    """Batches split on their leading dimension along the axis; everything else replicated."""
-    return split_batch(arg, info) if info.is_batch else replicate(arg)
+    """Its batches split on their leading dimension along the axis; everything else whole."""
+    return split_batch(arg, info) if info.is_own_batch else replicate(arg)
 
 
 @overload

@@ -134,7 +134,19 @@ class Entry:
             return jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), shapes)
 
         with jax.sharding.use_abstract_mesh(self.cmesh.abstract_mesh), collecting() as claims:
-            jax.eval_shape(smap(P(), trace_body) if manual else trace_body, *avals)
+            try:
+                jax.eval_shape(smap(P(), trace_body) if manual else trace_body, *avals)
+            except ValueError as e:
+                if "should match the mesh of sharding" not in str(e):
+                    raise
+                raise PlanError(
+                    f"{where}: the step uses an array laid out on the mesh that is not one of "
+                    "its arguments (closed over, or a global), and JAX cannot use it inside "
+                    "the step's shard_map, where the manual axes are Manual. Pass it as an "
+                    "argument (list it in replicated_argnums to keep it whole and never "
+                    "donated), or close over a host array (np.asarray) instead. JAX said: "
+                    f"{str(e).splitlines()[0]}"
+                ) from e
         closed, local_out = traced["jaxpr"], traced["shapes"]
         self.claimed = self._apply_claims(claims, traced["inputs"], args, manual)
 
@@ -286,10 +298,11 @@ class Entry:
         if gone:
             name = getattr(fun, "__name__", "the step")
             donated = ", ".join(self.names[i] for i in self.donate) or "none"
+            here = f" (here: {donated})" if self._jitted is not None else ""
             raise PlanError(
                 f"{name}: {count(len(gone), 'input array was', 'input arrays were')} deleted "
                 f"before this call:\n{bullets(gone)}\n"
-                f"The step donates its state (here: {donated}) to its output, so the arrays "
+                f"The step donates its state{here} to its output, so the arrays "
                 "passed to an earlier call are gone once it returns. Pass what the step "
                 "returned (`state, metrics = step(state, batch)`); keep a constant with "
                 "replicated_argnums=(...), or pass donate=False to donate nothing."

@@ -18,7 +18,15 @@ from jax.sharding import Mesh, PartitionSpec
 
 from titanax._util import bullets, count, leaves_with_paths, shape_of
 from titanax.errors import PlanError, RuleError
-from titanax.extend import ArgInfo, Layer, LayoutHook, ParallelFunction, apply_layer, split_batch
+from titanax.extend import (
+    ArgInfo,
+    Layer,
+    LayoutHook,
+    ParallelFunction,
+    apply_layer,
+    replicate,
+    split_batch,
+)
 from titanax.parallel.rules import Rules, spec_axes, spec_problem
 
 __all__ = ["expert_parallel"]
@@ -31,7 +39,7 @@ def _layout(rules: Rules, axis: str) -> LayoutHook:
 
     def layout(arg: Any, info: ArgInfo) -> Any:
         if info.is_batch:
-            return split_batch(arg, info)
+            return split_batch(arg, info) if info.is_own_batch else replicate(arg)
         specs, other, misfit = [], [], []
         for path, leaf in leaves_with_paths(arg):
             shape = shape_of(leaf)

@@ -321,7 +321,7 @@ def apply_layer(step: Callable[..., Any] | None, layer: Layer) -> Any:
       >>> import jax.numpy as jnp, titanax as tx
       >>> from titanax.extend import Layer, apply_layer, replicate, split_batch
       >>> def layout(arg, info):
-      ...     return split_batch(arg, info) if info.is_batch else replicate(arg)
+      ...     return split_batch(arg, info) if info.is_own_batch else replicate(arg)
       >>> layer = Layer(transform="replicas", axis="data", manual=True, layout=layout,
       ...               mesh=tx.mesh(data=8))
       >>> @apply_layer(None, layer)

@@ -47,11 +47,16 @@ class ArgInfo:
       nargs: how many arguments the call has.
       mesh: the mesh the program runs on.
       is_batch: whether any layer of the stack names this position in its
-        ``batch_argnums``.
-      is_replicated: whether this layer's ``replicated_argnums`` names it.
+        ``batch_argnums``: data, never state (a layer that does not split it keeps it
+        whole).
+      is_own_batch: whether this layer's own ``batch_argnums`` names it (the batches it
+        splits).
+      is_replicated: whether any layer's ``replicated_argnums`` names it: a constant of
+        the step, whole on every device (and never donated).
       others: for a layer with ``sees_others=True``, the merged ``PartitionSpec`` tree
-        of the other layers for this argument (to pick dimensions they leave free);
-        ``None`` otherwise.
+        of the layers laid out before it for this argument (every layer without
+        ``sees_others``, then the inner ones with it), to pick dimensions they leave
+        free; ``None`` otherwise.
     """
 
     layer: Layer
@@ -60,6 +65,7 @@ class ArgInfo:
     nargs: int
     mesh: Mesh
     is_batch: bool
+    is_own_batch: bool = False
     is_replicated: bool = False
     others: Any = None
 
@@ -75,8 +81,9 @@ class TraceInfo:
       specs: the arguments' merged ``PartitionSpec`` trees (every layer's axes).
       local_args: the values the body receives (per-device along the manual axes):
         tracers, recognized by identity (``id``) by the layers that keep track of them.
-      batch: the positions of the batch arguments.
-      replicated: the positions this layer's ``replicated_argnums`` names.
+      batch: the positions of the batch arguments (of any layer).
+      own_batch: the positions this layer's ``batch_argnums`` names.
+      replicated: the positions of the constants (any layer's ``replicated_argnums``).
     """
 
     layer: Layer
@@ -85,6 +92,7 @@ class TraceInfo:
     specs: tuple[Any, ...]
     local_args: tuple[Any, ...]
     batch: frozenset[int]
+    own_batch: frozenset[int] = frozenset()
     replicated: frozenset[int] = frozenset()
 
 
@@ -142,8 +150,9 @@ class Layer:
         ``jax.set_mesh``'s).
       batch_argnums: positions of the batch arguments (an int or a sequence of ints;
         negative counts from the end).
-      replicated_argnums: positions of non-batch arguments that are constants: never
-        donated (and told to ``layout`` as ``info.is_replicated``).
+      replicated_argnums: positions of non-batch arguments that are constants of the
+        step: never donated, and told to every layer's ``layout`` as
+        ``info.is_replicated`` (to keep them whole).
       donate: whether the state (non-batch arguments an output replaces) may be
         donated; ``None``: no opinion. Donation happens when every layer with an
         opinion agrees.
@@ -162,7 +171,7 @@ class Layer:
     Examples:
       >>> from titanax.extend import Layer, replicate, split_batch
       >>> def layout(arg, info):
-      ...     return split_batch(arg, info) if info.is_batch else replicate(arg)
+      ...     return split_batch(arg, info) if info.is_own_batch else replicate(arg)
       >>> Layer(transform="my_dp", axis="data", manual=True, layout=layout).describe()
       "my_dp(axis='data')"
       >>> Layer(transform="my_dp", axis="", manual=True, layout=layout)

@@ -204,6 +204,7 @@ class Plan:
                     "is a batch argument (batch_argnums of this or another layer). A batch is "
                     "split, a replicated argument is whole on every device: name it in one."
                 )
+        kept = self.kept_indices(len(args))
         out = []
         for i, arg in enumerate(args):
 
@@ -215,15 +216,20 @@ class Plan:
                     nargs=len(args),
                     mesh=mesh,
                     is_batch=i in batch,
-                    is_replicated=i in layer.replicated_positions(len(args)),
+                    is_own_batch=i in layer.batch_positions(len(args)),
+                    is_replicated=i in kept,
                     others=others,
                 )
 
-            first = [_layout(lay, arg, info(lay)) for lay in self.layers if not lay.sees_others]
-            merged = _merge_trees(arg, first, mesh)
-            last = [_layout(lay, arg, info(lay, merged)) for lay in self.layers if lay.sees_others]
-            if last:
-                merged = _merge_trees(arg, [*first, *last], mesh)
+            laid = [_layout(lay, arg, info(lay)) for lay in self.layers if not lay.sees_others]
+            # Layers that pick dimensions the others leave free see every layer laid out
+            # before them, the earlier of their kind included (two never take one dimension).
+            for lay in self.layers:
+                if lay.sees_others:
+                    laid.append(_layout(lay, arg, info(lay, _merge_trees(arg, laid, mesh))))
+            merged = _merge_trees(arg, laid, mesh)
+            if i not in batch:
+                self._check_exclusive(arg, laid, names[i])
             problems = [
                 f"{path}  shape {shape_of(leaf)}: {problem}"
                 for (path, leaf), spec in zip(leaves_with_paths(arg), _spec_leaves(merged))
@@ -240,6 +246,34 @@ class Plan:
         self._check_global_view_axes(args, out, names)
         return tuple(out)
 
+    def _check_exclusive(self, arg: Any, laid: Sequence[Any], name: str) -> None:
+        """Raises when two manual layers split one dimension of a non-batch leaf.
+
+        Each would take its block of the dimension as if it were the only split (an expert
+        layer its experts, a ZeRO layer its rows, a custom layer its members), and the body
+        would get the wrong block without an error. Batch leaves may be split by several
+        layers on one dimension (``data`` x ``fsdp`` x ``expert`` replicas).
+        """
+        layers = [lay for lay in self.layers if not lay.sees_others]
+        layers += [lay for lay in self.layers if lay.sees_others]
+        manual = [(lay, _spec_leaves(t)) for lay, t in zip(layers, laid) if lay.manual]
+        clashes = []
+        for k, (path, leaf) in enumerate(leaves_with_paths(arg)):
+            for d in range(len(shape_of(leaf))):
+                on = [lay.describe() for lay, specs in manual if _splits(specs[k], d)]
+                if len(on) > 1:
+                    clashes.append(
+                        f"{path or '(the whole argument)'} dimension {d}: {', '.join(on)}"
+                    )
+        if clashes:
+            raise PlanError(
+                f"two manual layers split the same dimension of {name}:\n{bullets(clashes)}\n"
+                "Each layer would take its block of that dimension as if it were the only split, "
+                "and the body would receive the wrong rows. Split another dimension in one of "
+                "the layers (a layout with sees_others=True can pick a free one from "
+                "ArgInfo.others)."
+            )
+
     def _check_global_view_axes(
         self, args: Sequence[Any], specs: Sequence[Any], names: Sequence[str]
     ) -> None:
@@ -247,16 +281,16 @@ class Plan:
         axis: its rules do nothing, e.g. a pattern that matches no path, hidden behind
         the catch-all ``(r".*", P())``."""
         batch = self.batch_indices(len(args))
-        used = {
-            a
-            for i, tree in enumerate(specs)
-            if i not in batch
-            for s in _spec_leaves(tree)
-            for a in spec_axes(s)
-        }
+        used = {a for tree in specs for s in _spec_leaves(tree) for a in spec_axes(s)}
         idle = [lay for lay in self.layers if not lay.manual and lay.axis not in used]
         if not idle:
             return
+        if idle[0].transform != "tensor_parallel":
+            raise PlanError(
+                f"{idle[0].describe()}: its layout splits no leaf of any argument along "
+                f"{idle[0].axis!r}, so the layer would replicate everything and do nothing. "
+                f"Split some leaf along {idle[0].axis!r}, or drop the layer."
+            )
         paths = [
             f"{names[i].split(' ', 2)[-1].strip('()') or names[i]}/{path}".rstrip("/")
             + f"  shape {shape_of(leaf)}"
@@ -299,7 +333,8 @@ class Plan:
                 specs=tuple(specs),
                 local_args=tuple(local_args),
                 batch=batch,
-                replicated=layer.replicated_positions(len(args)),
+                own_batch=layer.batch_positions(len(args)),
+                replicated=self.kept_indices(len(args)),
             )
             for layer in self.layers
         ]
@@ -307,16 +342,20 @@ class Plan:
     def entered(self, traces: Sequence[TraceInfo]) -> contextlib.ExitStack:
         """The layers' ``enter`` contexts, entered together while the body is traced."""
         stack = contextlib.ExitStack()
-        for trace in traces:
-            if trace.layer.enter is not None:
-                context = _hook(trace.layer, "enter", trace.layer.enter, trace)
-                if not hasattr(context, "__enter__") or not hasattr(context, "__exit__"):
-                    raise PlanError(
-                        f"{trace.layer.describe()}: its enter hook returned "
-                        f"{type(context).__name__}, not a context manager. Write it as a "
-                        "generator decorated with @contextlib.contextmanager that yields once."
-                    )
-                stack.enter_context(context)
+        try:
+            for trace in traces:
+                if trace.layer.enter is not None:
+                    context = _hook(trace.layer, "enter", trace.layer.enter, trace)
+                    if not hasattr(context, "__enter__") or not hasattr(context, "__exit__"):
+                        raise PlanError(
+                            f"{trace.layer.describe()}: its enter hook returned "
+                            f"{type(context).__name__}, not a context manager. Write it as a "
+                            "generator decorated with @contextlib.contextmanager that yields once."
+                        )
+                    _hook(trace.layer, "enter", stack.enter_context, context)
+        except BaseException:
+            stack.close()  # the contexts entered before the failure: exited, never left active
+            raise
         return stack
 
     def prepare(self, local_args: tuple[Any, ...], traces: Sequence[TraceInfo]) -> tuple[Any, ...]:
@@ -371,13 +410,15 @@ def _layout(layer: Layer, arg: Any, info: ArgInfo) -> Any:
     leaves = _spec_leaves(specs)
     paths = leaves_with_paths(arg)
     wrong = [s for s in leaves if not isinstance(s, PartitionSpec)]
-    if wrong or len(leaves) != len(paths):
+    structure: Any = jax.tree.structure(specs, is_leaf=_is_spec)  # PyTreeDef stub: no __ne__
+    if wrong or structure != jax.tree.structure(arg):
         raise PlanError(
             f"{layer.describe()}: its layout returned "
             + (
                 f"{type(wrong[0]).__name__} where a PartitionSpec was expected"
                 if wrong
-                else f"{len(leaves)} PartitionSpec(s) for the {len(paths)} leaves"
+                else f"{len(leaves)} PartitionSpec(s) in another tree structure than the "
+                f"{len(paths)} leaves"
             )
             + f" of {info.name}. A layout returns a tree of PartitionSpec with the argument's "
             "structure, one spec per leaf (titanax.extend.replicate(arg) for P() everywhere)."
@@ -402,6 +443,10 @@ def _layout(layer: Layer, arg: Any, info: ArgInfo) -> Any:
             "axes belong to the transforms that claim them."
         )
     return specs
+
+
+def _splits(spec: PartitionSpec, dim: int) -> bool:
+    return dim < len(spec) and spec[dim] is not None
 
 
 def _hook(layer: Layer, name: str, hook: Callable[..., Any], *args: Any) -> Any:

@@ -333,7 +333,8 @@ def layout_table(
     rows = []
     for (path, leaf), spec in zip(paths_leaves, specs):
         shape = shape_of(leaf)
-        dtype = getattr(leaf, "dtype", np.asarray(leaf).dtype)
+        dtype = getattr(leaf, "dtype", None)  # a default would copy every array to the host
+        dtype = np.asarray(leaf).dtype if dtype is None else dtype
         rows.append(
             (path, str(shape), repr(spec), format_bytes(bytes_per_device(shape, dtype, spec, mesh)))
         )

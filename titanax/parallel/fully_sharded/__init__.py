@@ -88,7 +88,7 @@ def _is_optimizer_state(path: str, name: str) -> bool:
 def _layout(axis: str, shard: Shard, min_size: int) -> LayoutHook:
     def layout(arg: Any, info: ArgInfo) -> Any:
         if info.is_batch:
-            return split_batch(arg, info)
+            return split_batch(arg, info) if info.is_own_batch else replicate(arg)
         if info.is_replicated:
             return replicate(arg)
         size = info.mesh.shape[axis]

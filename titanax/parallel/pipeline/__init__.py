@@ -22,7 +22,7 @@ from jax.sharding import AbstractMesh, AxisType, Mesh, PartitionSpec
 from titanax._util import leaves_with_paths, shape_of
 from titanax.errors import ScheduleError
 from titanax.parallel.claims import claim
-from titanax.parallel.collectives import BoundAxis, bind_axes
+from titanax.parallel.collectives import BoundAxis, bind_axes, bound_axes
 from titanax.parallel.pipeline.executor import executor as _executor
 from titanax.parallel.pipeline.tables import Tables, compile_tables
 from titanax.parallel.plan import context_mesh
@@ -209,6 +209,14 @@ def pipeline(
                 f"pipeline(axis={axis!r}): the mesh has no axis {axis!r} (axes: "
                 f"{', '.join(view.axis_names)}). Build the mesh with it, e.g. "
                 f"tx.mesh({axis}=4, ...)."
+            )
+        binder = {b.name: b for b in bound_axes()}.get(axis)
+        if binder is not None and binder.manual:
+            raise ScheduleError(
+                f"pipeline(axis={axis!r}): the step's tx.{binder.transform} already makes "
+                f"{axis!r} a manual axis, so the body sees one device's share along it and the "
+                "pipeline cannot run its own program over it. Give that transform another "
+                f"axis; the pipeline lays out {axis!r} itself."
             )
         p = view.shape[axis]
         v = plan(p)[0].virtual_stages
