@@ -62,9 +62,10 @@ def test_zero3_pipeline_matches_the_unpipelined_model(reference):
 def test_stage_parameters_live_on_their_stage():
     mesh = tx.mesh(data=2, stage=4)
     step, _ = pipelined.make_steps(CFG, mesh, schedule="1f1b", microbatches=4)
-    import optax
-
-    state = tx.TrainState.create(gpt.init(jax.random.key(0), CFG), optax.adam(1e-3))
+    # the optimizer of the 8-step runs above: the same program, loaded from the compilation
+    # cache (the layout does not depend on the optimizer)
+    optimizer = unpipelined.make_optimizer(1e-3, 8)
+    state = tx.TrainState.create(gpt.init(jax.random.key(0), CFG), optimizer)
     tokens = np.zeros((8, CFG.seq_len + 1), np.int32)
     state, _ = step(state, tokens)
     kernel = state.params["h"]["mlp"]["up"]["kernel"]  # the model's stacked blocks, as they are
@@ -75,10 +76,12 @@ def test_stage_parameters_live_on_their_stage():
 
 
 def test_example_main_runs(capsys):
+    # 8 steps: the programs of test_loss_curve_matches_the_unpipelined_model[zero_bubble-1],
+    # which the run then loads from the compilation cache
     val = pipelined.main(
         [
             "--steps",
-            "2",
+            "8",
             "--d-model",
             "64",
             "--seq-len",

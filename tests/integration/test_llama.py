@@ -70,9 +70,10 @@ def reference(accumulate: int = 1) -> list[float]:
         loss, grads = jax.value_and_grad(llama.loss_fn)(state.params, tokens, cfg)
         return state.apply_gradients(grads), loss
 
-    state = tx.TrainState.create(
-        llama.init(jax.random.key(args.seed), cfg), example.make_optimizer(args)
-    )
+    # the parameters as `example.train` makes them: the same jitted init (compiled once, not
+    # one random.normal program per leaf shape), and so the same initial values
+    params = jax.jit(llama.init, static_argnums=1)(jax.random.key(args.seed), cfg)
+    state = tx.TrainState.create(params, example.make_optimizer(args))
     losses = []
     for j in range(args.steps):
         rng = np.random.default_rng((args.seed, j))
